@@ -1,0 +1,36 @@
+# The two README commands: `make demo` and `make test`. Each builds .venv itself.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+MNIST   ?= ../shared/data/mnist
+
+.PHONY: demo test bench lint clean
+
+.venv/.installed: setup.cfg pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the local CPU build (see constraints.txt)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# bench peers: bayesian-torch declares torchvision (a CUDA wheel here) but its
+# dnn_to_bnn does not import it, so it goes in without its declared dependencies.
+.venv/.bench: .venv/.installed
+	$(PIP) install -q -c constraints.txt brevitas
+	$(PIP) install -q --no-deps bayesian-torch
+	touch $@
+
+demo: .venv/.installed
+	$(PY) -m pqnet demo
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+bench: .venv/.bench
+	$(PY) benchmarks/train_speed.py --data-dir $(MNIST)
+
+lint: .venv/.installed
+	$(PY) -m ruff check pqnet tests benchmarks
+
+clean:
+	rm -rf .venv build *.egg-info
