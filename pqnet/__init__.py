@@ -1,1 +1,13 @@
+"""pqnet: quantize neural networks by their Bayesian weight uncertainty.
+
+The data flow: ``nn.Module`` --:func:`bayesian`--> ``BNN`` --:func:`fit`--> ``Posterior``
+--> quantized network --> diagnostics.
+"""
+
 __version__ = "0.1.0"
+
+from . import data, models  # noqa: E402
+from .bnn import BNN, bayesian  # noqa: E402
+from .inference import Posterior, evaluate, fit, predict  # noqa: E402
+
+__all__ = ["BNN", "Posterior", "bayesian", "data", "evaluate", "fit", "models", "predict"]

@@ -1,0 +1,43 @@
+"""Atomic file writes: a reader never sees half a file, and a failed write keeps the old one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    The rename is atomic on POSIX, so ``path`` holds either its old content or the new one.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {path} is a directory; expected a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    return atomic_write(path, write)

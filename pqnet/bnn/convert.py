@@ -1,0 +1,197 @@
+"""``bayesian(module)``: any ``nn.Module`` of Linear/Conv layers as a Pyro model with a guide."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule, PyroSample
+from pyro.nn.module import to_pyro_module_
+from torch import nn
+
+from .guide import MeanFieldNormalGuide, initial_scale
+from .layers import BAYESIAN_TYPES, LocalReparameterization, bayesian_class
+from .likelihoods import make_likelihood
+from .priors import Prior, make_prior
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a quantizer needs to know about one Bayesian layer."""
+
+    name: str  # module path in the original network, e.g. "features.0"
+    kind: str  # "Linear", "Conv2d", "Embedding", ...
+    weight_shape: tuple[int, ...]
+    fan_in: int
+    bias: bool  # has a bias, and it is random
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "weight_shape": list(self.weight_shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerInfo:
+        return cls(**{**d, "weight_shape": tuple(d["weight_shape"])})
+
+
+def _prior_for(param: str):
+    """A PyroSample prior reading the layer's scale buffer, so it follows ``.to(device)``."""
+
+    def prior(layer: nn.Module) -> dist.Distribution:
+        scale = getattr(layer, f"{param}_prior_scale")
+        shape = layer.pqnet_shapes[param]
+        return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
+
+    return prior
+
+
+class BNN(PyroModule):
+    """A Bayesian neural network: a Pyro model (``forward``) with its guide (``guide``).
+
+    .. math::
+
+        w \\sim p(w) = \\prod_i \\mathcal N(w_i \\mid 0, s_{\\ell(i)}^2), \\qquad
+        y_n \\mid x_n, w \\sim p(y_n \\mid f(x_n; w)), \\qquad
+        q(w) = \\prod_i \\mathcal N(w_i \\mid \\mu_i, \\mathrm{softplus}(\\rho_i)^2).
+
+    The data sit in a ``pyro.plate`` of size ``dataset_size``, so a minibatch's
+    log-likelihood is scaled by ``N / B`` and the ELBO is that of the whole data set.
+    Layers that are not Linear/Conv (BatchNorm, LayerNorm, ...) keep point estimates,
+    learned as ordinary parameters. Build one with :func:`bayesian`.
+    """
+
+    def __init__(self, net: PyroModule, template: nn.Module, likelihood: PyroModule,
+                 guide: MeanFieldNormalGuide, layers: dict[str, LayerInfo], prior: Prior,
+                 local_reparam: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.likelihood = likelihood
+        self.guide = guide
+        self.layers = layers
+        self.prior = prior
+        self.local_reparam = local_reparam
+        # the plain network the posterior is read back into; outside the module tree,
+        # because it holds no state that is trained
+        object.__setattr__(self, "template", template)
+        # the guide always records its Normals; the model uses them only when local_reparam
+        self._lrt = LocalReparameterization()
+        guide.handler = self._lrt
+
+    @property
+    def sites(self) -> list[str]:
+        """Pyro sample-site names of the random weights, e.g. ``net.features.0.weight``."""
+        return self.guide.sites
+
+    @property
+    def kl_weight(self) -> float:
+        return self.guide.kl_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value: float) -> None:
+        self.guide.kl_weight = float(value)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                dataset_size: int | None = None) -> torch.Tensor:
+        with (
+            pyro.settings.context(module_local_params=True),
+            self._lrt if self.local_reparam else contextlib.nullcontext(),
+        ):
+            f = self.net(x)
+            size = len(x) if dataset_size is None else dataset_size
+            with pyro.plate("data", size=size, subsample=torch.arange(len(x), device=x.device)):
+                self.likelihood(f, y)
+        return f
+
+    def prior_distribution(self, site: str) -> dist.Distribution:
+        module_path, _, param = site.removeprefix("net.").rpartition(".")
+        return _prior_for(param)(self.net.get_submodule(module_path))
+
+    def kl(self) -> torch.Tensor:
+        """``KL(q || p)`` in closed form, summed over all random weights (not scaled)."""
+        return sum(
+            torch.distributions.kl_divergence(self.guide.distribution(s),
+                                              self.prior_distribution(s))
+            for s in self.sites
+        )
+
+
+def bayesian(
+    module: nn.Module,
+    prior: str | float | Prior = "fan-in",
+    likelihood: str = "categorical",
+    *,
+    init_scale: float | str = 1e-3,
+    init_relative_scale: float = 0.1,
+    bias: bool = True,
+    embeddings: bool = False,
+    local_reparam: bool = True,
+    noise: float = 1.0,
+    learn_noise: bool = False,
+) -> BNN:
+    """Turn ``module`` into a :class:`BNN`: its Linear/Conv weights become random.
+
+    Parameters
+    ----------
+    module : nn.Module
+        Any network of ``Linear`` and ``Conv1d/2d/3d`` layers (any stride, padding,
+        dilation, groups, bias or not); other layers stay point estimates. Its current
+        weights (e.g. pretrained) become the guide's initial means. It is not modified.
+    prior : ``"fan-in"`` (default, ``N(0, 2 / fan_in)``), ``"normal"`` (``N(0, 1)``),
+        a positive float (``N(0, prior^2)``) or a :mod:`pqnet.bnn.priors` object.
+    likelihood : ``"categorical"`` (outputs are logits) or ``"normal"`` (regression with
+        ``noise``, learned as a point estimate when ``learn_noise``).
+    init_scale : a positive float (constant initial sigma), ``"relative"``
+        (``init_relative_scale * |w|``) or ``"pwfn"`` (PWFN's rule, see
+        :func:`pqnet.bnn.guide.pwfn_scale`).
+    bias : whether biases are random too (else point estimates).
+    embeddings : whether ``nn.Embedding`` tables are random too (sampled directly).
+    local_reparam : sample pre-activations instead of weights during training
+        (Kingma et al. 2015); the model is the same, the gradients less noisy.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    prior = make_prior(prior)
+    lik = make_likelihood(likelihood, noise, learn_noise)
+    template = copy.deepcopy(module).cpu()
+    net = copy.deepcopy(template)
+    to_pyro_module_(net)
+
+    layers: dict[str, LayerInfo] = {}
+    locs: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+    random_types = BAYESIAN_TYPES + ((nn.Embedding,) if embeddings else ())
+    for path, layer in list(net.named_modules()):
+        if not isinstance(layer, random_types):
+            continue
+        if isinstance(layer, BAYESIAN_TYPES):
+            base = next(c for c in BAYESIAN_TYPES if isinstance(layer, c))
+            layer.__class__ = bayesian_class(base)
+        has_bias = getattr(layer, "bias", None) is not None
+        params = ["weight"] + (["bias"] if bias and has_bias else [])
+        fan_in = layer.weight[0].numel() if not isinstance(layer, nn.Embedding) else 1
+        layer.bias_is_random = "bias" in params
+        layer.pqnet_shapes = {}
+        for param in params:
+            value = getattr(layer, param).detach()
+            site = ".".join(filter(None, ("net", path, param)))
+            locs[site] = value
+            scales[site] = initial_scale(value, init_scale, init_relative_scale)
+            layer.pqnet_shapes[param] = value.shape
+            layer.register_buffer(f"{param}_prior_scale", torch.tensor(prior.scale_for(fan_in)))
+            delattr(layer, param)
+            setattr(layer, param, PyroSample(_prior_for(param)))
+        kind = type(template.get_submodule(path)).__name__
+        weight_shape = tuple(layer.pqnet_shapes["weight"])
+        layers[path] = LayerInfo(path, kind, weight_shape, fan_in,
+                                 "bias" in params)
+    if not layers:
+        raise ValueError(
+            "module: found no Linear/Conv layers to make Bayesian "
+            f"(got {type(module).__name__}); expected at least one of "
+            + ", ".join(t.__name__ for t in BAYESIAN_TYPES)
+        )
+    guide = MeanFieldNormalGuide(locs, scales)
+    return BNN(net, template, lik, guide, layers, prior, local_reparam)

@@ -1,0 +1,130 @@
+"""The fitted posterior: a mean and a standard deviation for every random weight."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import save_torch
+from ..bnn.convert import BNN, LayerInfo
+
+FORMAT = "pqnet.posterior"
+VERSION = 1
+
+
+@dataclass
+class Posterior:
+    """``q(w) = prod_i Normal(w_i | loc_i, scale_i^2)`` over a network's random weights.
+
+    ``loc`` and ``scale`` are keyed by the parameter names of the original network
+    (``"features.0.weight"``); ``layers`` by module path. ``module`` is the original network
+    holding the posterior means and the point estimates of everything that is not random
+    (BatchNorm, point-estimate biases). ``history`` is the per-epoch record of the fit.
+    """
+
+    loc: dict[str, torch.Tensor]
+    scale: dict[str, torch.Tensor]
+    layers: dict[str, LayerInfo]
+    module: nn.Module
+    likelihood: dict = field(default_factory=lambda: {"kind": "categorical"})
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.loc) != set(self.scale):
+            raise ValueError("scale: must have the same names as loc")
+        for name, s in self.scale.items():
+            if s.shape != self.loc[name].shape:
+                raise ValueError(f"scale: {name} has shape {tuple(s.shape)}, "
+                                 f"loc has {tuple(self.loc[name].shape)}")
+            if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+                raise ValueError(f"scale: {name} must be positive and finite everywhere")
+
+    @classmethod
+    def from_bnn(cls, bnn: BNN, history: list[dict] | None = None,
+                 config: dict | None = None) -> Posterior:
+        """Read the guide's current means and scales (and the point estimates) off ``bnn``."""
+        guide = bnn.guide
+        loc, scale = {}, {}
+        for site in bnn.sites:
+            name = site.removeprefix("net.")
+            loc[name] = guide.loc_of(site).detach().cpu().clone()
+            scale[name] = guide.scale_of(site).detach().cpu().clone()
+        module = copy.deepcopy(bnn.template)
+        fitted = {k: v.detach().cpu() for k, v in bnn.net.state_dict().items()}
+        state = {k: loc.get(k, fitted.get(k, v)) for k, v in module.state_dict().items()}
+        module.load_state_dict(state)
+        return cls(loc, scale, dict(bnn.layers), module, bnn.likelihood.describe(),
+                   list(history or []), dict(config or {}))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loc)
+
+    @property
+    def num_weights(self) -> int:
+        return sum(v.numel() for v in self.loc.values())
+
+    def sample(self, n: int = 1, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """``n`` joint draws: a dict of tensors of shape ``(n, *weight_shape)``."""
+        if not (isinstance(n, int) and n > 0):
+            raise ValueError(f"n: expected a positive int, got {n!r}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return {
+            k: self.loc[k] + self.scale[k] * torch.randn((n, *self.loc[k].shape), generator=gen)
+            for k in self.loc
+        }
+
+    def mean_module(self) -> nn.Module:
+        """A plain ``nn.Module`` (a copy of the original network) holding the posterior means."""
+        return copy.deepcopy(self.module)
+
+    def state(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "loc": self.loc,
+            "scale": self.scale,
+            "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "likelihood": self.likelihood,
+            "history": self.history,
+            "config": self.config,
+            "module": self.module,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (``torch.save``), atomically: an old file is replaced whole or kept.
+
+        The network itself is pickled with it, so its class must be importable on load.
+        """
+        return save_torch(self.state(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Posterior:
+        """Read a posterior written by :meth:`save`; a clear error for anything else."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no posterior file at {path}")
+        try:
+            # the file holds a pickled nn.Module, so the full unpickler is needed:
+            # load only posteriors you trust, as with any torch.save of a module
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
+                ValueError, OSError) as err:
+            raise ValueError(f"path: {path} is not a readable pqnet posterior "
+                             f"(corrupt or truncated?): {err}") from err
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"path: {path} is not a pqnet posterior file")
+        if state.get("version") != VERSION:
+            raise ValueError(f"path: {path} has posterior format version "
+                             f"{state.get('version')!r}; this pqnet reads version {VERSION}")
+        layers = {k: LayerInfo.from_dict(v) for k, v in state["layers"].items()}
+        return cls(state["loc"], state["scale"], layers, state["module"], state["likelihood"],
+                   state["history"], state["config"])

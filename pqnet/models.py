@@ -1,0 +1,195 @@
+"""Reference network architectures as plain ``torch.nn.Module`` factories.
+
+These are ordinary deterministic PyTorch models (no Pyro). The Bayesian machinery in
+:mod:`pqnet.bnn` converts them into probabilistic models, so every factory here builds the
+classic architecture from its paper and nothing more.
+
+========== ============================================= =============== ==========
+name       architecture                                  input           parameters
+========== ============================================= =============== ==========
+mlp        LeNet-300-100 (LeCun et al. 1998)             1x28x28         266,610
+lenet5     LeNet-5 (LeCun et al. 1998)                   1x28x28         61,706
+vgg16      VGG-16 with BatchNorm (Simonyan & Zisserman)  3x32x32         14,724,042
+resnet20   CIFAR ResNet-20 (He et al. 2016)              3x32x32         272,474
+digits_cnn small CNN for scikit-learn digits             1x8x8           38,282
+========== ============================================= =============== ==========
+
+Use :func:`get` to build a model by name, e.g. ``get("lenet5", num_classes=10)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+__all__ = ["MODELS", "digits_cnn", "get", "lenet5", "mlp", "resnet20", "vgg16"]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
+    """LeNet-300-100, the fully connected network of LeCun et al. (1998),
+    "Gradient-based learning applied to document recognition".
+
+    Flatten -> Linear(784, 300) -> ReLU -> Linear(300, 100) -> ReLU -> Linear(100, 10);
+    266,610 parameters for MNIST.
+    """
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_features", in_features)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """LeNet-5 of LeCun et al. (1998), "Gradient-based learning applied to document
+    recognition", with ReLU and max pooling, for 28x28 inputs (the first convolution is
+    padded by 2 to give the original 32x32 geometry). 61,706 parameters for MNIST.
+    """
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, kernel_size=5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+# fmt: off
+_VGG16_CFG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)
+# fmt: on
+
+
+def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """VGG-16 of Simonyan & Zisserman (2015), "Very deep convolutional networks for
+    large-scale image recognition", in its common CIFAR form: 3x3 convolutions with
+    BatchNorm (Ioffe & Szegedy 2015) and ReLU, five max-pools taking 32x32 down to 1x1,
+    and a single Linear(512, num_classes) classifier.
+    """
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in _VGG16_CFG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            assert isinstance(item, int)
+            layers += [
+                nn.Conv2d(channels, item, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(item),
+                nn.ReLU(),
+            ]
+            channels = item
+    layers += [nn.Flatten(), nn.Linear(512, num_classes)]
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Residual block of He et al. (2016): two 3x3 conv+BN layers and an identity
+    shortcut, or a 1x1 conv+BN projection (option B) when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """ResNet-20 for CIFAR from He et al. (2016), "Deep residual learning for image
+    recognition", Sec. 4.2: a 3x3 conv with 16 channels, three stages of three
+    :class:`BasicBlock` s with 16/32/64 channels (stride 2 at the start of stages 2 and 3),
+    global average pooling and Linear(64, num_classes). Shortcuts that change shape use a
+    1x1 conv+BN projection (option B). About 0.27M parameters.
+    """
+    _check_positive_int("num_classes", num_classes)
+    _check_positive_int("in_channels", in_channels)
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+    ]
+    in_planes = 16
+    for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        for block in range(3):
+            layers.append(BasicBlock(in_planes, planes, stride if block == 0 else 1))
+            in_planes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    model = nn.Sequential(*layers)
+    for m in model.modules():  # He initialisation, as in the paper
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+def digits_cnn(num_classes: int = 10) -> nn.Module:
+    """Small CNN for the 1x8x8 scikit-learn digits (Alpaydin & Kaynak 1998, UCI optical
+    recognition of handwritten digits): two 3x3 convolutions (16, 32 channels), one
+    max-pool to 4x4 and a 64-unit hidden layer."""
+    _check_positive_int("num_classes", num_classes)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "lenet5": lenet5,
+    "vgg16": vgg16,
+    "resnet20": resnet20,
+    "digits_cnn": digits_cnn,
+}
+
+
+def get(name: str, **kwargs: object) -> nn.Module:
+    """Build the model registered under ``name`` in :data:`MODELS` with keyword ``kwargs``."""
+    try:
+        factory = MODELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"model: unknown model {name!r}; expected one of {', '.join(MODELS)}"
+        ) from None
+    return factory(**kwargs)

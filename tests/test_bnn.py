@@ -1,0 +1,182 @@
+"""Module → BNN: conversion, priors, guide initialisation, local reparameterisation."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import TraceMeanField_ELBO
+from torch import nn
+
+import pqnet
+from pqnet.bnn import FanInPrior, NormalPrior, pwfn_scale
+
+
+def odd_convnet() -> nn.Module:
+    """Grouped, dilated, strided convolutions, with and without bias, then a Linear."""
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 7 * 7, 3),
+    )
+
+
+def draw_outputs(bnn: pqnet.BNN, x: torch.Tensor) -> torch.Tensor:
+    """One forward pass of the model with weights from the guide, the Pyro way."""
+    guide_trace = poutine.trace(bnn.guide).get_trace()
+    return poutine.replay(bnn, trace=guide_trace)(x)
+
+
+def test_conversion_names_layers_and_keeps_point_estimates():
+    bnn = pqnet.bayesian(odd_convnet())
+    assert bnn.sites == ["net.0.weight", "net.0.bias", "net.3.weight", "net.6.weight",
+                         "net.6.bias"]
+    info = bnn.layers["3"]
+    assert (info.kind, info.weight_shape, info.fan_in, info.bias) == (
+        "Conv2d", (6, 2, 3, 3), 18, False)
+    # BatchNorm stays a learned point estimate
+    assert isinstance(bnn.net[1].weight, nn.Parameter)
+    assert bnn.guide.loc_of("net.0.weight").shape == (4, 1, 3, 3)
+
+
+def test_guide_starts_at_the_module_weights():
+    module = odd_convnet()
+    bnn = pqnet.bayesian(module, init_scale=0.02)
+    assert torch.equal(bnn.guide.loc_of("net.6.weight"), module[6].weight)
+    assert torch.allclose(bnn.guide.scale_of("net.6.weight"), torch.tensor(0.02))
+
+
+def test_initial_scale_rules():
+    module = nn.Linear(50, 20)
+    relative = pqnet.bayesian(module, init_scale="relative", init_relative_scale=0.2)
+    w = module.weight.detach()
+    assert torch.allclose(relative.guide.scale_of("net.weight"), (0.2 * w.abs()).clamp_min(1e-6),
+                          rtol=1e-4)
+    pwfn = pqnet.bayesian(module, init_scale="pwfn")
+    assert torch.allclose(pwfn.guide.scale_of("net.weight"), pwfn_scale(w), rtol=1e-4)
+
+
+def test_pwfn_scale_is_small_near_powers_of_two_and_clamped():
+    w = torch.tensor([0.25, -0.5, 0.375, 0.3, 1e-12, 4.0])
+    s = pwfn_scale(w)
+    q75 = w.abs().quantile(0.75)
+    assert s[0] == s[1] == 2.0**-30  # exactly a power of two: nothing to gain from moving
+    assert torch.isclose(s[2], torch.clamp(0.125 / 0.375 * q75, max=0.05))  # halfway
+    assert s.max() <= 0.05 and s.min() >= 2.0**-30
+
+
+def test_priors():
+    bnn = pqnet.bayesian(nn.Linear(8, 2), prior="fan-in")
+    assert math.isclose(float(bnn.prior_distribution("net.weight").base_dist.scale[0, 0]),
+                        math.sqrt(2 / 8), rel_tol=1e-6)
+    bnn = pqnet.bayesian(nn.Linear(8, 2), prior=0.3)
+    assert bnn.prior == NormalPrior(0.3)
+    assert FanInPrior(gain=1.0).scale_for(100) == 0.1
+
+
+def test_kl_is_the_closed_form_one():
+    bnn = pqnet.bayesian(nn.Linear(3, 2), prior=1.0, init_scale=0.5)
+    loc = bnn.guide.loc_of("net.weight").detach()
+    expected = (math.log(1 / 0.5) + (0.25 + loc**2) / 2 - 0.5).sum()
+    loc_b = bnn.guide.loc_of("net.bias").detach()
+    expected += (math.log(1 / 0.5) + (0.25 + loc_b**2) / 2 - 0.5).sum()
+    assert torch.isclose(bnn.kl().detach(), expected, rtol=1e-5)
+
+
+def test_minibatch_likelihood_is_scaled_to_the_dataset():
+    bnn = pqnet.bayesian(nn.Linear(4, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    trace = poutine.trace(bnn).get_trace(x, y, dataset_size=1000)
+    trace.compute_log_prob()
+    obs = trace.nodes["obs"]
+    assert obs["scale"] == pytest.approx(100.0)
+
+
+def test_elbo_module_runs_and_has_gradients():
+    bnn = pqnet.bayesian(odd_convnet())
+    elbo = TraceMeanField_ELBO()(bnn, bnn.guide)
+    loss = elbo(torch.randn(5, 2, 16, 16), torch.randint(0, 3, (5,)), dataset_size=50)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert bnn.guide.rho["net/3/weight"].grad.abs().sum() > 0
+
+
+def sample_outputs(bnn: pqnet.BNN, x: torch.Tensor, draws: int, local_reparam: bool):
+    bnn.local_reparam = local_reparam
+    with torch.no_grad():
+        return torch.stack([draw_outputs(bnn, x) for _ in range(draws)])
+
+
+def test_local_reparameterisation_matches_explicit_weight_sampling():
+    """Per example, sampling Linear pre-activations gives the output distribution of sampling
+    the weights: compare the predictive mean (z-test) and variance (ratio) over 2000 draws."""
+    pyro.set_rng_seed(0)
+    module = nn.Sequential(odd_convnet()[:-1], nn.Linear(6 * 7 * 7, 16), nn.Tanh(),
+                           nn.Linear(16, 3))
+    bnn = pqnet.bayesian(module.eval(), init_scale="relative", init_relative_scale=0.5).eval()
+    x = torch.randn(3, 2, 16, 16)
+    lrt = sample_outputs(bnn, x, 2000, local_reparam=True)
+    explicit = sample_outputs(bnn, x, 2000, local_reparam=False)
+    mean_a, mean_b = lrt.mean(0), explicit.mean(0)
+    var_a, var_b = lrt.var(0), explicit.var(0)
+    z = (mean_a - mean_b) / ((var_a + var_b) / 2000).sqrt()
+    assert z.abs().max() < 4.0, z
+    # the ratio of two sample variances over 2000 draws has a standard deviation of ~4.5 %
+    ratio = var_a / var_b
+    assert ((ratio - 1).abs() < 0.2).all(), ratio
+    assert var_b.min() > 1e-4  # not vacuous: the outputs really vary
+
+
+def test_convolutions_draw_one_kernel_per_minibatch():
+    """Conv outputs are correlated across positions through the shared kernel, so pqnet
+    samples the kernel (exact) rather than independent positions (a different model)."""
+    bnn = pqnet.bayesian(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), init_scale=0.5)
+    with torch.no_grad():
+        out = draw_outputs(bnn, torch.ones(2, 1, 5, 5))
+    assert torch.equal(out[0], out[1])
+    assert out[0, :9].std() == 0  # every position of a channel saw the same kernel
+
+
+def test_conv1d_is_bayesian_too():
+    bnn = pqnet.bayesian(nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, dilation=2), nn.Flatten()))
+    assert bnn.layers["0"].kind == "Conv1d"
+    assert draw_outputs(bnn, torch.randn(2, 3, 11)).shape == (2, 4 * 4)
+
+
+def test_lrt_draws_differ_per_example_but_explicit_draws_do_not():
+    bnn = pqnet.bayesian(nn.Linear(4, 2), init_scale=0.5)
+    x = torch.ones(2, 4)
+    with torch.no_grad():
+        out = draw_outputs(bnn, x)
+        assert not torch.allclose(out[0], out[1])
+        bnn.local_reparam = False
+        out = draw_outputs(bnn, x)
+        assert torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prior": "laplace"}, "prior: unknown prior"),
+        ({"prior": -1.0}, "prior: scale must be a positive"),
+        ({"likelihood": "poisson"}, "likelihood: unknown name"),
+        ({"init_scale": 0.0}, "init_scale: must be positive"),
+        ({"init_scale": "huge"}, "init_scale: expected"),
+        ({"likelihood": "normal", "noise": 0.0}, "noise: must be a positive"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pqnet.bayesian(nn.Linear(2, 2), **kwargs)
+
+
+def test_module_without_layers_or_not_a_module():
+    with pytest.raises(ValueError, match="module: found no Linear/Conv"):
+        pqnet.bayesian(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module"):
+        pqnet.bayesian("lenet5")

@@ -1,0 +1,51 @@
+"""Architectures in pqnet.models: parameter counts, output shapes, name lookup."""
+
+import pytest
+import torch
+
+from pqnet import models
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_param_counts_match_the_papers():
+    assert n_params(models.mlp()) == 266_610
+    assert n_params(models.lenet5()) == 61_706
+    assert 0.26e6 < n_params(models.resnet20()) < 0.28e6
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("mlp", (4, 1, 28, 28)),
+        ("lenet5", (4, 1, 28, 28)),
+        ("digits_cnn", (4, 1, 8, 8)),
+        ("vgg16", (2, 3, 32, 32)),
+        ("resnet20", (2, 3, 32, 32)),
+    ],
+)
+def test_output_shape(name, shape):
+    model = models.get(name, num_classes=7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(shape))
+    assert out.shape == (shape[0], 7)
+    assert torch.isfinite(out).all()
+
+
+def test_registry_holds_every_factory():
+    assert set(models.MODELS) == {"mlp", "lenet5", "vgg16", "resnet20", "digits_cnn"}
+    assert isinstance(models.get("lenet5"), torch.nn.Sequential)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match=r"^model: unknown model 'nope'; expected one of mlp"):
+        models.get("nope")
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_bad_num_classes(name, bad):
+    with pytest.raises(ValueError, match=r"^num_classes:"):
+        models.get(name, num_classes=bad)
