@@ -109,11 +109,13 @@ def fit(
     epochs: int = 10,
     batch_size: int = 64,
     lr: float = 1e-3,
+    scale_lr: float | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     num_particles: int = 1,
     kl_weight: float = 1.0,
     warmup_epochs: int = 0,
+    lr_schedule: str = "constant",
     progress: bool = True,
 ) -> Posterior:
     """Fit the mean-field posterior of ``bnn`` to ``train_dataset`` by SVI; return it.
@@ -128,7 +130,12 @@ def fit(
     with the KL in closed form (:class:`~pyro.infer.TraceMeanField_ELBO`, through its
     :class:`~pyro.infer.elbo.ELBOModule`, so the loop is plain PyTorch) and ``beta =
     kl_weight`` (1 is the true ELBO; below 1 a tempered posterior). With ``warmup_epochs``
-    beta rises linearly from ``kl_weight / warmup_epochs`` to ``kl_weight``.
+    beta rises linearly from ``kl_weight / warmup_epochs`` to ``kl_weight``. The posterior
+    scales' parameters ``rho`` learn at ``scale_lr`` (default ``10 * lr``): they start
+    several units of ``rho`` away from where the data put them, and at ``lr`` they would
+    still be near their initial value after a typical fit, so the scales would report the
+    optimiser's path, not the posterior. ``lr_schedule="cosine"`` anneals both to zero,
+    which removes the last iterates' SGD noise (use it when the scales must be precise).
 
     ``history`` on the result has per epoch: ``elbo`` (the true ELBO of the whole data set,
     averaged over the epoch's steps), ``nll`` (expected negative log-likelihood per example),
@@ -141,9 +148,12 @@ def fit(
     batch_size = _positive_int("batch_size", batch_size)
     num_particles = _positive_int("num_particles", num_particles)
     lr = _positive_float("lr", lr)
+    scale_lr = 10 * lr if scale_lr is None else _positive_float("scale_lr", scale_lr)
     kl_weight = _positive_float("kl_weight", kl_weight)
     if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
         raise ValueError(f"warmup_epochs: expected a non-negative int, got {warmup_epochs!r}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {lr_schedule!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -156,12 +166,19 @@ def fit(
     pyro.set_rng_seed(seed)
     order = torch.Generator().manual_seed(seed)
     elbo = TraceMeanField_ELBO(num_particles=num_particles)(bnn, bnn.guide)
-    optimizer = torch.optim.Adam(elbo.parameters(), lr=lr)
-    checked_every_batch = not isinstance(train_dataset, TensorDataset)
+    rho = {id(p) for p in bnn.guide.rho.parameters()}
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in elbo.parameters() if id(p) not in rho]},
+        {"params": list(bnn.guide.rho.parameters()), "lr": scale_lr},
+    ], lr=lr)
     steps_per_epoch = math.ceil(n / batch_size)
-    config = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=str(device),
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, (
+        lambda step: 0.5 * (1 + math.cos(math.pi * step / (epochs * steps_per_epoch)))
+    ) if lr_schedule == "cosine" else (lambda step: 1.0))
+    checked_every_batch = not isinstance(train_dataset, TensorDataset)
+    config = dict(epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr, seed=seed, device=str(device),
                   num_particles=num_particles, kl_weight=kl_weight, warmup_epochs=warmup_epochs,
-                  dataset_size=n, local_reparam=bnn.local_reparam,
+                  lr_schedule=lr_schedule, dataset_size=n, local_reparam=bnn.local_reparam,
                   prior=repr(bnn.prior))
 
     history: list[dict] = []
@@ -185,12 +202,13 @@ def fit(
                         f"{step + 1} (lr={lr}); try a lower lr or a smaller init_scale")
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 with torch.no_grad():
                     kl = float(bnn.kl())
-                sum_loss += float(loss)
+                sum_loss += loss.item()
                 sum_kl += kl
                 bar.update()
-                bar.set_postfix(epoch=epoch + 1, elbo=f"{-(float(loss) + (1 - beta) * kl):.4g}")
+                bar.set_postfix(epoch=epoch + 1, elbo=f"{-(loss.item() + (1 - beta) * kl):.4g}")
             steps = step + 1
             mean_kl = sum_kl / steps
             nll_total = sum_loss / steps - beta * mean_kl
