@@ -19,11 +19,12 @@ Use :func:`get` to build a model by name, e.g. ``get("lenet5", num_classes=10)``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "digits_cnn", "get", "lenet5", "mlp", "resnet20", "vgg16"]
+__all__ = ["MODELS", "digits_cnn", "for_data", "get", "lenet5", "mlp", "resnet20", "vgg16"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -193,3 +194,13 @@ def get(name: str, **kwargs: object) -> nn.Module:
             f"model: unknown model {name!r}; expected one of {', '.join(MODELS)}"
         ) from None
     return factory(**kwargs)
+
+
+def for_data(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build model ``name`` sized for inputs of shape ``input_shape`` (C, H, W) and
+    ``num_classes`` classes: ``in_channels`` (or ``in_features`` for ``mlp``) follow the data."""
+    if name == "mlp":
+        return get(name, num_classes=num_classes, in_features=math.prod(input_shape))
+    if name == "digits_cnn":
+        return get(name, num_classes=num_classes)
+    return get(name, num_classes=num_classes, in_channels=input_shape[0])

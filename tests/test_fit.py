@@ -1,0 +1,214 @@
+"""SVI fitting, the Posterior it returns, the predictive, and the errors of bad input."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import pqnet
+from pqnet.cli import main
+from tests.test_bnn import odd_convnet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return pqnet.data.load("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_posterior(digits):
+    train, _ = digits
+    bnn = pqnet.bayesian(pqnet.models.digits_cnn())
+    return pqnet.fit(bnn, train, epochs=15, batch_size=64, lr=1e-2, seed=0, progress=False)
+
+
+def test_svi_recovers_the_conjugate_linear_regression_posterior():
+    """``y = Xw + eps``, ``eps ~ N(0, 0.5^2)``, ``w ~ N(0, I)``: the exact posterior is
+    ``N(mu, Lambda^-1)`` with ``Lambda = X'X / 0.25 + I`` and ``mu = Lambda^-1 X'y / 0.25``.
+    The best mean-field Normal has the same mean and variances ``1 / Lambda_ii`` (Bishop,
+    PRML 10.1.2). Tolerance: means within 0.1 posterior sd, sds within 10 %."""
+    gen = torch.Generator().manual_seed(0)
+    n, noise = 100, 0.5
+    x = torch.randn(n, 3, generator=gen)
+    x[:, 2] += 0.8 * x[:, 0]  # correlated inputs: the mean-field sd differs from the marginal
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + noise * torch.randn(n, generator=gen)
+    precision = x.T @ x / noise**2 + torch.eye(3)
+    mean = torch.linalg.solve(precision, x.T @ y / noise**2)
+    mean_field_sd = precision.diag().rsqrt()
+    assert (torch.linalg.inv(precision).diag().sqrt() / mean_field_sd).max() > 1.2
+
+    bnn = pqnet.bayesian(nn.Linear(3, 1, bias=False), prior=1.0, likelihood="normal",
+                         noise=noise, init_scale=0.1)
+    posterior = pqnet.fit(bnn, TensorDataset(x, y[:, None]), epochs=1000, batch_size=n,
+                          lr=0.05, lr_schedule="cosine", seed=0, progress=False)
+    loc, scale = posterior.loc["weight"][0], posterior.scale["weight"][0]
+    assert ((loc - mean) / mean_field_sd).abs().max() < 0.1
+    assert (scale / mean_field_sd - 1).abs().max() < 0.1
+
+
+def test_digits_fit_is_accurate_fast_and_recorded(digits, digits_posterior):
+    _, test = digits
+    metrics = pqnet.evaluate(digits_posterior, test, num_samples=16)
+    assert metrics["accuracy"] > 0.90
+    assert 0 <= metrics["ece"] < 1 and metrics["mutual_information"] > 0
+    history = digits_posterior.history
+    assert [h["epoch"] for h in history] == list(range(1, 16))
+    assert history[-1]["elbo"] > history[0]["elbo"]
+    assert {"elbo", "nll", "kl", "kl_weight", "seconds"} <= set(history[0])
+    mean_net = digits_posterior.mean_module()
+    assert torch.equal(mean_net[0].weight, digits_posterior.loc["0.weight"])
+
+
+def test_same_seed_same_posterior(digits):
+    train, _ = digits
+    small = TensorDataset(train.x[:200], train.y[:200])
+    module = pqnet.models.digits_cnn()  # the initial means; bayesian() copies it
+    fits = [pqnet.fit(pqnet.bayesian(module), small, epochs=2, seed=3, progress=False)
+            for _ in range(2)]
+    for name in fits[0].names:
+        assert torch.equal(fits[0].loc[name], fits[1].loc[name])
+        assert torch.equal(fits[0].scale[name], fits[1].scale[name])
+
+
+def test_posterior_round_trips_bit_exactly(tmp_path, digits_posterior, digits):
+    path = digits_posterior.save(tmp_path / "posterior.pt")
+    loaded = pqnet.Posterior.load(path)
+    for name in digits_posterior.names:
+        assert torch.equal(loaded.loc[name], digits_posterior.loc[name])
+        assert torch.equal(loaded.scale[name], digits_posterior.scale[name])
+    assert loaded.layers == digits_posterior.layers
+    assert loaded.history == digits_posterior.history
+    x = digits[1].x[:20]
+    assert torch.equal(pqnet.predict(loaded, x, num_samples=4),
+                       pqnet.predict(digits_posterior, x, num_samples=4))
+
+
+def test_sample_and_predict(digits_posterior, digits):
+    draws = digits_posterior.sample(50, seed=1)
+    w = draws["0.weight"]
+    assert w.shape == (50, *digits_posterior.loc["0.weight"].shape)
+    z = (w.mean(0) - digits_posterior.loc["0.weight"]) / digits_posterior.scale["0.weight"]
+    assert z.abs().mean() < 0.3  # the mean of 50 draws is within ~1/7 sd
+    probs = pqnet.predict(digits_posterior, digits[1].x[:10], num_samples=8)
+    assert probs.shape == (10, 10) and torch.allclose(probs.sum(-1), torch.ones(10))
+
+
+def test_odd_convnet_fits():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2, 16, 16, generator=gen)
+    y = (x.mean((1, 2, 3)) > 0).long() + (x[:, 0].mean((1, 2)) > 0).long()
+    posterior = pqnet.fit(pqnet.bayesian(odd_convnet()), TensorDataset(x, y), epochs=3,
+                          batch_size=16, progress=False)
+    assert set(posterior.names) == {"0.weight", "0.bias", "3.weight", "6.weight", "6.bias"}
+    assert posterior.history[-1]["elbo"] > posterior.history[0]["elbo"]
+
+
+def test_regression_with_learned_noise_evaluates():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=gen)
+    y = (x.sum(1, keepdim=True) + 0.1 * torch.randn(200, 1, generator=gen))
+    bnn = pqnet.bayesian(nn.Linear(2, 1), likelihood="normal", learn_noise=True)
+    posterior = pqnet.fit(bnn, TensorDataset(x, y), epochs=60, batch_size=50, lr=0.05,
+                          progress=False)
+    assert posterior.likelihood["noise"] < 0.5  # learned down from 1.0 towards 0.1
+    metrics = pqnet.evaluate(posterior, TensorDataset(x, y), num_samples=8)
+    assert metrics["rmse"] < 0.2
+
+
+# --------------------------------------------------------------------------- bad input
+
+TRAIN = TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
+
+
+def _fit(dataset=TRAIN, **kwargs):
+    return pqnet.fit(pqnet.bayesian(pqnet.models.digits_cnn()), dataset, progress=False,
+                     **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "kwargs", "match"),
+    [
+        (TensorDataset(torch.randn(8, 1, 5, 5), torch.zeros(8).long()), {},
+         r"^train_dataset: inputs of shape \(1, 5, 5\) do not fit"),
+        (TensorDataset(torch.full((8, 1, 8, 8), float("nan")), torch.zeros(8).long()), {},
+         r"^train_dataset: inputs contain NaN"),
+        (TensorDataset(torch.full((8, 1, 8, 8), float("inf")), torch.zeros(8).long()), {},
+         r"^train_dataset: inputs contain NaN or inf"),
+        (TensorDataset(torch.randn(8, 1, 8, 8), torch.full((8,), 10)), {},
+         r"^train_dataset: labels must lie in \[0, 10\)"),
+        (TensorDataset(torch.randn(0, 1, 8, 8), torch.zeros(0).long()), {},
+         r"^train_dataset: the dataset is empty"),
+        (TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8)), {},
+         r"^train_dataset: class labels must be a 1-d integer tensor"),
+        (TRAIN, {"epochs": 0}, r"^epochs: expected a positive int"),
+        (TRAIN, {"batch_size": -1}, r"^batch_size: expected a positive int"),
+        (TRAIN, {"lr": float("nan")}, r"^lr: expected a positive finite"),
+        (TRAIN, {"kl_weight": 0.0}, r"^kl_weight: expected a positive"),
+        (TRAIN, {"lr_schedule": "step"}, r"^lr_schedule: expected"),
+        (TRAIN, {"device": "tpu:7"}, r"^device:"),
+    ],
+)
+def test_bad_input_is_named(dataset, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _fit(dataset, **kwargs)
+
+
+def test_divergence_is_reported():
+    with pytest.raises(FloatingPointError, match="ELBO became"):
+        _fit(lr=1e12, epochs=3)
+
+
+def test_bad_predict_input(digits_posterior):
+    with pytest.raises(ValueError, match=r"^x: inputs of shape \(1, 5, 5\) do not fit"):
+        pqnet.predict(digits_posterior, torch.randn(2, 1, 5, 5))
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        pqnet.predict(digits_posterior, torch.full((2, 1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match=r"^num_samples:"):
+        pqnet.predict(digits_posterior, torch.randn(2, 1, 8, 8), num_samples=0)
+
+
+def test_corrupt_and_foreign_posterior_files(tmp_path, digits_posterior):
+    good = digits_posterior.save(tmp_path / "p.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"^path: .* not a readable pqnet posterior"):
+        pqnet.Posterior.load(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": 1}, foreign)
+    with pytest.raises(ValueError, match=r"^path: .* not a pqnet posterior"):
+        pqnet.Posterior.load(foreign)
+    with pytest.raises(FileNotFoundError, match=r"^path: no posterior file"):
+        pqnet.Posterior.load(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_fit_writes_a_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--epochs", "2",
+                 "--num-samples", "4", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "BNN (4 draws)" in printed and "posterior mean" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "digits_cnn" and len(metrics["history"]) == 2
+    assert 0 < metrics["test"]["bnn"]["accuracy"] <= 1
+    posterior = pqnet.Posterior.load(out / "posterior.pt")
+    assert posterior.config["epochs"] == 2
+
+
+def test_cli_errors_name_the_argument_and_keep_old_results(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert main(["fit", "--model", "resnet999", "--data", "digits", "--out", str(out)]) == 2
+    assert "model: unknown model 'resnet999'" in capsys.readouterr().err
+    assert main(["fit", "--model", "lenet5", "--data", "mnist", "--data-dir",
+                 str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "root: folder" in capsys.readouterr().err
+    assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--epochs", "0",
+                 "--out", str(out)]) == 2
+    assert "epochs: expected a positive int" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "{}"
