@@ -9,5 +9,7 @@ __version__ = "0.1.0"
 from . import data, models  # noqa: E402
 from .bnn import BNN, bayesian  # noqa: E402
 from .inference import Posterior, evaluate, fit, predict  # noqa: E402
+from .quantize import QuantizedNet, quantize  # noqa: E402
 
-__all__ = ["BNN", "Posterior", "bayesian", "data", "evaluate", "fit", "models", "predict"]
+__all__ = ["BNN", "Posterior", "QuantizedNet", "bayesian", "data", "evaluate", "fit", "models",
+           "predict", "quantize"]

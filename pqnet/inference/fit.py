@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
@@ -52,13 +53,13 @@ def _positive_float(name: str, value, allow_zero: bool = False) -> float:
     return float(value)
 
 
-def check_batch(bnn: BNN, x: torch.Tensor, y: torch.Tensor, argument: str) -> None:
+def check_batch(kind: str, x: torch.Tensor, y: torch.Tensor, argument: str) -> None:
     """Raise a clear ``ValueError`` naming ``argument`` for data the model cannot take."""
     if not torch.is_floating_point(x):
         raise ValueError(f"{argument}: inputs must be floating point, got {x.dtype}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{argument}: inputs contain NaN or inf")
-    if bnn.likelihood.kind == "categorical":
+    if kind == "categorical":
         if torch.is_floating_point(y) or y.dim() != 1:
             raise ValueError(f"{argument}: class labels must be a 1-d integer tensor, "
                              f"got {y.dtype} of shape {tuple(y.shape)}")
@@ -66,8 +67,10 @@ def check_batch(bnn: BNN, x: torch.Tensor, y: torch.Tensor, argument: str) -> No
         raise ValueError(f"{argument}: targets contain NaN or inf")
 
 
-def _check_data(bnn: BNN, dataset: Dataset, argument: str) -> int:
-    """Validate ``dataset`` against ``bnn`` before any training; return its size."""
+def check_dataset(module: nn.Module, dataset: Dataset, argument: str,
+                  kind: str = "categorical") -> int:
+    """Validate ``dataset`` against the plain network ``module`` with a ``kind`` likelihood
+    (``"categorical"`` or ``"normal"``) before any training; return its size."""
     try:
         n = len(dataset)
     except TypeError as err:
@@ -80,8 +83,8 @@ def _check_data(bnn: BNN, dataset: Dataset, argument: str) -> int:
         x, y = dataset.tensors[:2]
     else:
         x, y = next(iter(DataLoader(dataset, batch_size=min(n, 256))))
-    check_batch(bnn, x, y, argument)
-    template, was_training = bnn.template, bnn.template.training
+    check_batch(kind, x, y, argument)
+    template, was_training = module, module.training
     template.eval()  # a shape check must not touch BatchNorm statistics
     with torch.no_grad():
         try:
@@ -91,7 +94,7 @@ def _check_data(bnn: BNN, dataset: Dataset, argument: str) -> int:
                              f"the model: {err}") from err
         finally:
             template.train(was_training)
-    if bnn.likelihood.kind == "categorical":
+    if kind == "categorical":
         classes = out.shape[-1]
         if int(y.min()) < 0 or int(y.max()) >= classes:
             raise ValueError(f"{argument}: labels must lie in [0, {classes}) for a model with "
@@ -163,7 +166,7 @@ def fit(
         raise ValueError("device: CUDA was asked for but torch.cuda.is_available() is False")
 
     bnn.to(device)
-    n = _check_data(bnn, train_dataset, "train_dataset")
+    n = check_dataset(bnn.template, train_dataset, "train_dataset", bnn.likelihood.kind)
     pyro.set_rng_seed(seed)
     order = torch.Generator().manual_seed(seed)
     elbo = TraceMeanField_ELBO(num_particles=num_particles)(bnn, bnn.guide)
@@ -193,7 +196,7 @@ def fit(
             sum_loss, steps = 0.0, 0
             for x, y in batches(train_dataset, batch_size, generator=order, device=device):
                 if checked_every_batch:
-                    check_batch(bnn, x, y, "train_dataset")
+                    check_batch(bnn.likelihood.kind, x, y, "train_dataset")
                 optimizer.zero_grad(set_to_none=True)
                 loss = elbo(x, y, dataset_size=n)
                 value = loss.item()

@@ -1,0 +1,85 @@
+"""Quantizers behind one interface: ``quantize(posterior, method, **budget) -> QuantizedNet``.
+
+Every method is one function in its own module with the signature
+``method(posterior, *, data=None, seed=0, <budget keywords>) -> QuantizedNet`` and is listed
+in :data:`METHODS`; adding a method is one line there.
+
+========================= =============================================== ====================
+method                    rule                                            budget keywords
+========================= =============================================== ====================
+``uniform``               same width everywhere, symmetric min-max grid   ``bits`` | ``avg_bits``
+``kmeans``                k-means weight sharing (Han et al. 2016)        ``k`` | ``avg_bits``
+``bayesian-compression``  per-layer width from the posterior variance     ``avg_bits``
+                          (Louizos et al. 2017)
+``sigma-bits``            per-weight width: rounding error <= k sigma     ``k`` | ``avg_bits``
+``quantile-inform``       per-layer width: a quantile of the per-weight   ``avg_bits`` | ``k``
+                          needs (ICLR 2025 submission)
+``random-bits``           per-layer width: a random variable fitted by    ``avg_bits`` + data
+                          SVI on the quantized likelihood (same source)
+========================= =============================================== ====================
+
+Note that ``pqnet.quantize`` is the function :func:`quantize`; import the rest from this
+package, e.g. ``from pqnet.quantize import METHODS, QuantizedNet``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch.utils.data import Dataset
+
+from ..inference.posterior import Posterior
+from .bayesian_compression import bayesian_compression
+from .kmeans import kmeans
+from .qnet import QuantizedLayer, QuantizedNet, weight_name
+from .quantile_inform import quantile_inform
+from .random_bits import random_bits
+from .sigma_bits import sigma_bits
+from .uniform import uniform
+
+__all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression", "budget_keywords",
+           "kmeans", "quantile_inform", "quantize", "random_bits", "sigma_bits", "uniform",
+           "weight_name"]
+
+Quantizer = Callable[..., QuantizedNet]
+
+METHODS: dict[str, Quantizer] = {
+    "uniform": uniform,
+    "kmeans": kmeans,
+    "bayesian-compression": bayesian_compression,
+    "sigma-bits": sigma_bits,
+    "quantile-inform": quantile_inform,
+    "random-bits": random_bits,
+}
+
+
+def budget_keywords(method: str) -> list[str]:
+    """The keywords ``method`` takes besides ``posterior``, ``data`` and ``seed``."""
+    params = inspect.signature(METHODS[method]).parameters.values()
+    return [p.name for p in params
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("data", "seed")]
+
+
+def quantize(posterior: Posterior, method: str, data: Dataset | None = None, seed: int = 0,
+             **budget) -> QuantizedNet:
+    """Quantize ``posterior`` with ``method`` (a name in :data:`METHODS`) at ``budget``.
+
+    ``budget`` holds the method's own keywords (``bits=4``, ``avg_bits=3.0``, ``k=16``, ...);
+    see the table in :mod:`pqnet.quantize` and each method's docstring for its exact rule
+    and paper. ``data`` is passed to methods that use data; ``seed`` to every method.
+
+    Examples
+    --------
+    >>> qnet = pqnet.quantize(posterior, "quantile-inform", avg_bits=3.0)  # doctest: +SKIP
+    >>> qnet.avg_bits <= 3.0, qnet.size_bytes, pqnet.evaluate(qnet.to_module(), test)
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: unknown quantizer {method!r}; expected one of "
+                         f"{', '.join(METHODS)}")
+    accepted = budget_keywords(method)
+    for name in budget:
+        if name not in accepted:
+            raise ValueError(f"{name}: not a keyword of method {method!r}, which takes "
+                             f"{', '.join(accepted)}")
+    return METHODS[method](posterior, data=data, seed=seed, **budget)
