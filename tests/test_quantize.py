@@ -420,3 +420,28 @@ def test_random_bits_gives_the_narrow_posterior_more_bits():
     data = torch.utils.data.TensorDataset(x, y)
     qnet = random_bits(posterior, data=data, avg_bits=4.0, steps=20)
     assert qnet.layer_bits["2"] > qnet.layer_bits["1"]
+
+
+def test_finetuning_keeps_the_codebooks_and_recovers_accuracy(digits):
+    posterior, test, float_accuracy, train = digits
+    before = pqnet.quantize(posterior, "uniform", bits=1)
+    after = pqnet.quantize(posterior, "uniform", bits=1, data=train, finetune_epochs=2)
+    for path, layer in after.layers.items():
+        assert torch.equal(layer.bits, before.layers[path].bits)
+        for width, levels in layer.codebooks.items():
+            assert torch.equal(levels, before.layers[path].codebooks[width])
+        assert torch.equal(after.to_module().get_submodule(path).weight, layer.values())
+    assert after.config["finetune"]["epochs"] == 2 and after.avg_bits == 1.0
+    accuracy = [pqnet.evaluate(q.to_module(), test)["accuracy"] for q in (before, after)]
+    assert accuracy[1] > accuracy[0] + 0.1  # 1-bit rounding costs ~30 pp; retraining wins most
+    with pytest.raises(ValueError, match="^data: fine-tuning"):
+        pqnet.quantize(posterior, "uniform", bits=1, finetune_epochs=1)
+    with pytest.raises(ValueError, match="^finetune_epochs:"):
+        pqnet.quantize(posterior, "uniform", bits=1, data=train, finetune_epochs=-1)
+
+
+def test_encode_is_nearest_level_rounding(small):
+    for method in ("uniform", "kmeans", "sigma-bits"):
+        qnet = pqnet.quantize(small, method, avg_bits=2.0)
+        for path, layer in qnet.layers.items():
+            assert torch.equal(layer.encode(small.loc[f"{path}.weight"]), layer.codes)

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..inference.posterior import Posterior
 from .bayesian_compression import bayesian_compression
+from .finetune import finetune
 from .kmeans import kmeans
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 from .quantile_inform import quantile_inform
@@ -39,8 +40,8 @@ from .sigma_bits import sigma_bits
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression", "budget_keywords",
-           "kmeans", "quantile_inform", "quantize", "random_bits", "sigma_bits", "uniform",
-           "weight_name"]
+           "finetune", "kmeans", "quantile_inform", "quantize", "random_bits", "sigma_bits",
+           "uniform", "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
 
@@ -62,12 +63,15 @@ def budget_keywords(method: str) -> list[str]:
 
 
 def quantize(posterior: Posterior, method: str, data: Dataset | None = None, seed: int = 0,
-             **budget) -> QuantizedNet:
+             finetune_epochs: int = 0, finetune_lr: float = 1e-3, **budget) -> QuantizedNet:
     """Quantize ``posterior`` with ``method`` (a name in :data:`METHODS`) at ``budget``.
 
     ``budget`` holds the method's own keywords (``bits=4``, ``avg_bits=3.0``, ``k=16``, ...);
     see the table in :mod:`pqnet.quantize` and each method's docstring for its exact rule
-    and paper. ``data`` is passed to methods that use data; ``seed`` to every method.
+    and paper. ``data`` is passed to methods that use data; ``seed`` to every method. With
+    ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
+    quantized forward pass, widths and codebooks fixed (:func:`~pqnet.quantize.finetune.
+    finetune`, straight-through, posterior noise kept).
 
     Examples
     --------
@@ -82,4 +86,7 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
         if name not in accepted:
             raise ValueError(f"{name}: not a keyword of method {method!r}, which takes "
                              f"{', '.join(accepted)}")
-    return METHODS[method](posterior, data=data, seed=seed, **budget)
+    qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
+    if finetune_epochs == 0:
+        return qnet
+    return finetune(qnet, posterior, data, epochs=finetune_epochs, lr=finetune_lr, seed=seed)

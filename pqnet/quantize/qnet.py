@@ -130,6 +130,22 @@ class QuantizedLayer:
             out[mask] = gather_levels(levels, own_codes)[mask]
         return out
 
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of the nearest level to each entry of ``w`` in its own codebook (the
+        one of its width, its row): ``w``'s rounding under this layer's widths and codebooks."""
+        codes = torch.zeros(self.codes.shape, dtype=torch.uint8)
+        rows = len(w)
+        for width, levels in self.codebooks.items():
+            ordered, order = levels.sort(dim=1)
+            midpoints = ((ordered[:, 1:] + ordered[:, :-1]) / 2).contiguous()
+            flat = w.detach().float().reshape(rows if len(levels) > 1 else 1, -1).contiguous()
+            index = torch.searchsorted(midpoints, flat) if len(levels) > 1 else \
+                torch.bucketize(flat, midpoints[0])
+            width_codes = order.expand(len(index), -1).gather(1, index).reshape(w.shape)
+            mask = self.bits == width
+            codes[mask] = width_codes[mask].to(torch.uint8)
+        return codes
+
     def byte_counts(self) -> dict[str, int]:
         """Bytes of this layer as stored: ``codes`` (``ceil(sum_i b_i / 8)``), ``bit_map``
         (which width each weight has, ``ceil(n * ceil(log2 G) / 8)`` for ``G > 1`` widths,

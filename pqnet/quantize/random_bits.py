@@ -37,7 +37,7 @@ def most_probable_within(logits: torch.Tensor, sizes: torch.Tensor, budget: floa
 
 
 def random_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
-                avg_bits: float = 3.0, steps: int = 60, batch_size: int = 256,
+                avg_bits: float = 3.0, steps: int = 40, batch_size: int = 256,
                 forgetting: float = 0.7, dual_lr: float = 0.5) -> QuantizedNet:
     r"""Per-layer widths as random variables whose mean-field posterior is fitted by
     stochastic variational inference on the quantized network's likelihood, under a budget.
