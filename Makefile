@@ -28,6 +28,8 @@ test: .venv/.installed
 
 bench: .venv/.bench
 	$(PY) benchmarks/train_speed.py --data-dir $(MNIST)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pqnet bench --model lenet5 --data mnist --data-dir $(MNIST) \
+		--json benchmarks/quantize_lenet5.json --plot benchmarks/quantize_lenet5.png --no-progress
 
 lint: .venv/.installed
 	$(PY) -m ruff check pqnet tests benchmarks

@@ -12,4 +12,13 @@ from .inference import Posterior, evaluate, fit, predict  # noqa: E402
 from .quantize import QuantizedNet, quantize  # noqa: E402
 
 __all__ = ["BNN", "Posterior", "QuantizedNet", "bayesian", "data", "evaluate", "fit", "models",
-           "predict", "quantize"]
+           "predict", "quantize", "to_inference_data"]
+
+
+def __getattr__(name: str):
+    # to_inference_data imports ArviZ (a second or so): loaded on first use
+    if name == "to_inference_data":
+        from .diagnostics.arviz import to_inference_data
+
+        return to_inference_data
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,8 @@
 
     pqnet demo                                  # digits: fit, evaluate, write runs/demo
     pqnet fit --model lenet5 --data mnist --data-dir DIR --epochs 20 --out RUN_DIR
+    pqnet bench --model lenet5 --data mnist --data-dir DIR --json OUT.json --plot OUT.png
+    pqnet report RUN_DIR                        # RUN_DIR/report/: report.md, idata.nc, PNGs
 
 Each command writes its results atomically (a file is replaced whole or not at all) and
 reports bad arguments as one line naming the argument, with exit status 2.
@@ -66,6 +68,7 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
         "mean": evaluate(posterior.mean_module(), test),
     }
     result = {"model": model, "data": data, "data_note": train.note,
+              "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
               "num_weights": posterior.num_weights, "config": posterior.config,
               "history": posterior.history, "test": metrics}
     if out is not None:
@@ -89,6 +92,27 @@ def _fit(args: argparse.Namespace) -> None:
     fit_run(args.model, args.data, args.data_dir, args.out, args)
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import run_benchmark
+
+    run_benchmark(args.model, args.data, args.data_dir, epochs=args.epochs, seed=args.seed,
+                  batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
+                  bnn_init=args.bnn_init, bnn_epochs=args.bnn_epochs,
+                  lr_schedule=args.lr_schedule, num_samples=args.num_samples,
+                  finetune_epochs=args.finetune_epochs,
+                  json_path=args.json, plot_path=args.plot, save_dir=args.save_dir,
+                  progress=args.progress)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .diagnostics.report import write_report
+
+    path = write_report(args.run_dir, num_samples=args.num_samples, draws=args.draws,
+                        seed=args.seed, data_dir=args.data_dir, ood=args.ood_data,
+                        ood_dir=args.ood_data_dir)
+    print(f"wrote {path.parent}/: report.md, idata.nc and figures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pqnet", description="Quantize neural networks by their Bayesian weight "
@@ -107,6 +131,46 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--out", type=Path, required=True, help="run folder to write")
     _add_fit_options(fit_cmd, epochs=20, lr=1e-3)
     fit_cmd.set_defaults(run=_fit)
+
+    bench = commands.add_parser("bench", help="every quantizer at 1.5-4 average bits against "
+                                "float, deterministic and brevitas QAT nets (pqnet.bench)")
+    bench.add_argument("--model", required=True, help=", ".join(models.MODELS))
+    bench.add_argument("--data", required=True, help=", ".join(datasets.DATASETS))
+    bench.add_argument("--data-dir", help="folder of the dataset's files")
+    bench.add_argument("--json", type=Path, required=True, help="results file to write")
+    bench.add_argument("--plot", type=Path, help="Pareto plot to write (e.g. OUT.png)")
+    bench.add_argument("--save-dir", type=Path, help="keep the quantized networks here")
+    bench.add_argument("--epochs", type=int, default=20)
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--lr", type=float, default=1e-3)
+    bench.add_argument("--kl-weight", type=float, default=1.0,
+                       help="beta of the ELBO's KL term (1: the true posterior)")
+    bench.add_argument("--bnn-init", choices=["scratch", "deterministic"], default="scratch",
+                       help="start the BNN from the deterministic net's initial or trained "
+                       "weights")
+    bench.add_argument("--bnn-epochs", type=int, help="SVI epochs (default: --epochs)")
+    bench.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    bench.add_argument("--finetune-epochs", type=int, default=0,
+                       help="fine-tune each quantized net's means for this many epochs")
+    bench.add_argument("--num-samples", type=int, default=32,
+                       help="posterior draws for the BNN's predictive metrics")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-progress", dest="progress", action="store_false")
+    bench.set_defaults(run=_bench)
+
+    report = commands.add_parser("report", help="diagnose a run folder: ArviZ data, quantized "
+                                 "versions, plots and RUN_DIR/report/report.md")
+    report.add_argument("run_dir", type=Path, help="a folder written by `pqnet fit --out`")
+    report.add_argument("--num-samples", type=int, default=32,
+                        help="posterior draws for the predictive metrics")
+    report.add_argument("--draws", type=int, default=100,
+                        help="posterior draws per chain stored in idata.nc")
+    report.add_argument("--data-dir", help="folder of the dataset (default: from metrics.json)")
+    report.add_argument("--ood-data", help="data set whose test split is the OOD set "
+                        "(default: the test images with shuffled pixels)")
+    report.add_argument("--ood-data-dir", help="folder of the OOD data set")
+    report.add_argument("--seed", type=int, default=0)
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -1,0 +1,248 @@
+"""Write the notebooks of this folder from the cells below (the notebooks are generated:
+edit here, then run ``python notebooks/make_notebooks.py``).
+
+Every notebook reads ``PQNET_SMALL=1`` from the environment to shrink epochs, data and draws
+so that the test suite (``tests/test_notebooks.py``) runs all of them in about a minute;
+without it they run at settings whose numbers mean something.
+"""
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+SETUP = """\
+%matplotlib inline
+import os
+import warnings
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # ArviZ 0.23's notice of 1.0
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+SMALL = os.environ.get("PQNET_SMALL") == "1"  # the test suite's quick settings"""
+
+
+def md(text: str):
+    return new_markdown_cell(text.strip())
+
+
+def code(text: str):
+    return new_code_cell(text.strip())
+
+
+QUICKSTART = [
+    md("""
+# pqnet quickstart: fit, evaluate, quantize, diagnose
+
+A small CNN on scikit-learn's digits (8x8 images, always available) becomes a Bayesian
+neural network, is fitted by stochastic variational inference, quantized by its weight
+uncertainty, and diagnosed with ArviZ.
+"""),
+    code(SETUP + """
+
+import arviz as az
+import torch
+
+import pqnet
+from pqnet.diagnostics.table import format_table
+
+EPOCHS = 2 if SMALL else 30
+DRAWS = 20 if SMALL else 200"""),
+    md("""
+## Fit
+
+`pqnet.bayesian` puts a Normal prior on every Linear/Conv weight and a mean-field Normal
+guide `q(w) = prod_i N(mu_i, sigma_i^2)` over them; `pqnet.fit` maximises the ELBO.
+"""),
+    code("""
+train, test = pqnet.data.load("digits")
+with torch.random.fork_rng():
+    torch.manual_seed(0)  # the network's initial weights
+    bnn = pqnet.bayesian(pqnet.models.digits_cnn())
+posterior = pqnet.fit(bnn, train, epochs=EPOCHS, lr=1e-2, seed=0, progress=False)
+print(f"{posterior.num_weights:,} random weights; last epoch:", posterior.history[-1])"""),
+    md("## Evaluate: the posterior predictive and the network of posterior means"),
+    code("""
+rows = [{"network": "BNN (32 draws)", **pqnet.evaluate(posterior, test, num_samples=32)},
+        {"network": "posterior mean", **pqnet.evaluate(posterior.mean_module(), test)}]
+print(format_table(rows, ["network", "accuracy", "nll", "ece", "entropy"]))"""),
+    md("""
+## Quantize
+
+Quantile Inform gives each layer the width that a quantile of its weights' uncertainty asks
+for, at an average of at most 3 bits per weight.
+"""),
+    code("""
+qnet = pqnet.quantize(posterior, "quantile-inform", avg_bits=3.0)
+print(qnet)
+print(format_table(qnet.summary(), ["layer", "shape", "bits", "unique_values", "bytes"]))
+pqnet.evaluate(qnet.to_module(), test)"""),
+    md("""
+## Diagnose with ArviZ
+
+`pqnet.to_inference_data` draws weights from the posterior and computes, with each draw, the
+log-likelihood of every test observation: an `az.InferenceData` with named dims.
+"""),
+    code("""
+idata = pqnet.to_inference_data(posterior, test, num_samples=DRAWS, chains=2,
+                                max_weights_per_layer=64, seed=0)
+idata"""),
+    code("""az.summary(idata, var_names=["8.bias"])"""),
+    md("""
+One table ranks the BNN, its mean network and the quantized network by their log
+predictive density on the test split (`az.compare`, see
+`pqnet.diagnostics.arviz.held_out_elpd` for what LOO means for a deterministic net).
+"""),
+    code("""
+from pqnet.diagnostics import compare_networks
+
+compare_networks({"BNN": posterior, "mean": posterior.mean_module(), "quantile-inform 3": qnet},
+                 test)"""),
+    code("""
+import tempfile
+from pathlib import Path
+
+with tempfile.TemporaryDirectory() as tmp:
+    idata.to_netcdf(str(Path(tmp) / "idata.nc"))
+    back = az.from_netcdf(Path(tmp) / "idata.nc")
+    print(back.log_likelihood["y"].shape, "->", list(back.groups()))"""),
+]
+
+
+ANALYSIS = [
+    md("""
+# Quantization analysis on MNIST: a quantized LeNet-5 against its posterior
+
+Is each quantized weight still a plausible draw of the posterior? Where did the bits go?
+What did quantization do to the predictive: agreement, calibration, out-of-distribution
+detection? MNIST is read from `../shared/data/mnist` (set `PQNET_MNIST` to change it).
+With `PQNET_SMALL=1` the network sees 1,024 images for one epoch: the plots work, the
+numbers do not mean much.
+"""),
+    code(SETUP + """
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+import pqnet
+from pqnet.diagnostics import analysis, plots
+from pqnet.diagnostics.table import format_table
+
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+MNIST = Path(os.environ.get("PQNET_MNIST", ROOT / "../shared/data/mnist"))
+train, test = pqnet.data.load("mnist", root=MNIST)
+print(train.note)
+if SMALL:
+    train = TensorDataset(train.x[:1024], train.y[:1024])
+    test = TensorDataset(test.x[:500], test.y[:500])
+EPOCHS, SAMPLES = (1, 8) if SMALL else (20, 32)"""),
+    code("""
+with torch.random.fork_rng():
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(pqnet.models.lenet5())
+posterior = pqnet.fit(bnn, train, epochs=EPOCHS, lr=3e-3, seed=0, progress=False)
+plots.sigma_plot(posterior, kind="snr")"""),
+    md("""
+Three quantized versions at 3 average bits: one width everywhere (`uniform`), one width per
+layer from the quantiles of the uncertainty (`quantile-inform`), one width per weight from
+its own sigma (`sigma-bits`). Out-of-distribution inputs: the test images with their pixels
+shuffled.
+"""),
+    code("""
+x_test = test.tensors[0]
+ood = x_test.reshape(len(x_test), -1)[:, torch.randperm(x_test[0].numel())].reshape(x_test.shape)
+qnets = {m: pqnet.quantize(posterior, m, avg_bits=3.0)
+         for m in ("uniform", "quantile-inform", "sigma-bits")}
+bnn_summary = analysis.predictive_summary(posterior, test, ood=ood, num_samples=SAMPLES)
+results = {m: analysis.analyze(posterior, q, test, ood=ood, reference=bnn_summary)
+           for m, q in qnets.items()}
+rows = [{"network": "BNN", **bnn_summary}] + [
+    {"network": m, "avg_bits": qnets[m].avg_bits, **r["after"], "agreement": r["agreement"],
+     "kl": r["kl"], "hdi": r["hdi_coverage"]} for m, r in results.items()]
+print(format_table(rows, ["network", "avg_bits", "accuracy", "ece", "ood_auroc", "agreement",
+                          "kl", "hdi"]))"""),
+    md("Per layer: bits, posterior sd, and how far the quantized weights moved in sd units."),
+    code("""
+for m, r in results.items():
+    print(m, f"(Spearman bits vs sigma: {r['bits_sigma_spearman']:+.2f})")
+    print(format_table(r["layers"], ["layer", "kind", "bits", "sigma", "snr", "hdi_coverage",
+                                     "z_abs_mean", "z_abs_max"]), end="\\n\\n")"""),
+    code("plots.bits_plot(qnets)"),
+    code("plots.zscore_plot(posterior, qnets)"),
+    code("""
+plots.reliability_plot({"BNN": bnn_summary["reliability"],
+                        **{m: r["after"]["reliability"] for m, r in results.items()}})"""),
+    code('plots.codebook_plot(qnets["quantile-inform"])'),
+]
+
+
+COMPARISON = [
+    md("""
+# Method comparison on digits: accuracy against average bits
+
+Every data-free quantizer of `pqnet.quantize.METHODS` at a few average-bit budgets, on one
+posterior, with the Pareto plot of the benchmark (`pqnet.diagnostics.plots.pareto_plot`)
+and the held-out comparison table of ArviZ.
+"""),
+    code(SETUP + """
+
+import torch
+
+import pqnet
+from pqnet.diagnostics import compare_networks, plots
+from pqnet.diagnostics.table import format_table
+
+EPOCHS = 2 if SMALL else 30
+BUDGETS = (2.0, 4.0) if SMALL else (1.5, 2.0, 3.0, 4.0)
+METHODS = ("uniform", "kmeans", "bayesian-compression", "sigma-bits", "quantile-inform")"""),
+    code("""
+train, test = pqnet.data.load("digits")
+with torch.random.fork_rng():
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(pqnet.models.digits_cnn())
+posterior = pqnet.fit(bnn, train, epochs=EPOCHS, lr=1e-2, seed=0, progress=False)"""),
+    code("""
+results = {"model": "digits_cnn", "data": "digits",
+           "float": pqnet.evaluate(posterior, test, num_samples=32),
+           "float_mean": pqnet.evaluate(posterior.mean_module(), test), "rows": []}
+qnets = {}
+for method in METHODS:
+    for budget in BUDGETS:
+        qnet = qnets[f"{method} @ {budget:g}"] = pqnet.quantize(posterior, method,
+                                                                 avg_bits=budget)
+        scores = pqnet.evaluate(qnet.to_module(), test)
+        results["rows"].append({"method": method, "budget": budget, "avg_bits": qnet.avg_bits,
+                                "accuracy": scores["accuracy"], "nll": scores["nll"],
+                                "ece": scores["ece"], "unique_values": qnet.unique_values,
+                                "size_bytes": qnet.size_bytes})
+print(format_table(results["rows"], ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
+                                     "unique_values", "size_bytes"]))"""),
+    code("plots.pareto_plot(results)"),
+    md("""
+The same networks ranked by their held-out log predictive density (higher `elpd_loo` is
+better; `dse` is the standard error of the difference to the best, paired over the test
+observations).
+"""),
+    code("""
+compare_networks({"BNN": posterior, "mean": posterior.mean_module(),
+                  **{k: q for k, q in qnets.items() if k.endswith(f"@ {BUDGETS[0]:g}")}}, test)"""),
+]
+
+
+def write(name: str, cells: list) -> Path:
+    notebook = new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"}})
+    nbformat.validate(notebook)
+    path = HERE / name
+    nbformat.write(notebook, path)
+    return path
+
+
+if __name__ == "__main__":
+    for name, cells in (("quickstart.ipynb", QUICKSTART),
+                        ("quantization_analysis.ipynb", ANALYSIS),
+                        ("method_comparison.ipynb", COMPARISON)):
+        print("wrote", write(name, cells))

@@ -1,0 +1,121 @@
+"""The quantization benchmark (pqnet.bench) on digits, shrunk to a few methods and budgets."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+
+import pytest
+
+import pqnet
+from pqnet.bench import brevitas_available, run_benchmark
+from pqnet.cli import main
+from pqnet.diagnostics.plots import pareto_front, pareto_plot, save_figure
+
+ROW_KEYS = {"method", "budget", "avg_bits", "accuracy", "nll", "ece", "unique_values",
+            "entropy_bits", "size_bytes", "seconds", "layer_bits"}
+METRIC_KEYS = {"accuracy", "nll", "ece"}
+
+
+@cache
+def has_brevitas() -> bool:
+    """Asked when a test needs it, not at collection: importing brevitas takes seconds."""
+    return brevitas_available() is None
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One small run: 2 epochs, three fast methods at two budgets, k-means at k=4,
+    brevitas QAT at 2 bits (when brevitas imports); the quantized files are kept."""
+    folder = tmp_path_factory.mktemp("bench")
+    results = run_benchmark(
+        "digits_cnn", "digits", epochs=2, lr=1e-2, seed=0, num_samples=4,
+        methods=["uniform", "kmeans", "quantile-inform"], budgets=[1.5, 3], kmeans_ks=[4],
+        brevitas_bits=[2], json_path=folder / "out.json", plot_path=folder / "out.png",
+        save_dir=folder / "q", log=lambda _: None)
+    return results, folder
+
+
+def test_json_schema(bench):
+    results, folder = bench
+    written = json.loads((folder / "out.json").read_text())
+    assert written == json.loads(json.dumps(results))  # the JSON is the returned result
+    assert {"model", "data", "seed", "epochs", "data_note", "float", "float_mean",
+            "deterministic", "rows"} <= set(written)
+    assert (written["model"], written["data"], written["seed"], written["epochs"]) == \
+        ("digits_cnn", "digits", 0, 2)
+    assert set(written["float"]) == METRIC_KEYS == set(written["float_mean"])
+    assert set(written["deterministic"]) == METRIC_KEYS | {"seconds"}
+    assert written["skipped"] == []
+    rows = written["rows"]
+    expected = [("uniform", 1.5), ("uniform", 3.0), ("kmeans", 2.0),
+                ("quantile-inform", 1.5), ("quantile-inform", 3.0)]
+    if has_brevitas():
+        expected.append(("brevitas-qat", 2.0))
+    assert [(r["method"], r["budget"]) for r in rows] == expected
+    for row in rows:
+        assert ROW_KEYS <= set(row), row["method"]
+        assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0 and 0 <= row["ece"] <= 1
+        assert row["size_bytes"] < written["float_size_bytes"]
+        assert row["seconds"] >= 0 and row["unique_values"] >= 2
+        assert set(row["layer_bits"]) == {"0", "2", "6", "8"}  # digits_cnn's conv/linear
+
+
+def test_avg_bits_within_budget(bench):
+    for row in bench[0]["rows"]:
+        if row["method"] == "brevitas-qat":
+            assert row["avg_bits"] == row["budget"] == 2
+        else:
+            assert row["avg_bits"] <= row["budget"] + 1e-9, row
+    uniform = [r for r in bench[0]["rows"] if r["method"] == "uniform"]
+    assert [r["avg_bits"] for r in uniform] == [1.0, 3.0]  # floor(budget) bits
+
+
+def test_rows_measure_the_loaded_copy(bench):
+    results, folder = bench
+    _, test = pqnet.data.load("digits")
+    for row in results["rows"]:
+        loaded = pqnet.QuantizedNet.load(folder / "q" / row["file"])
+        assert pqnet.evaluate(loaded.to_module(), test)["accuracy"] == row["accuracy"]
+        assert (loaded.avg_bits, loaded.unique_values) == (row["avg_bits"], row["unique_values"])
+        if row["method"] != "brevitas-qat":
+            assert loaded.size_bytes == row["size_bytes"]
+
+
+def test_brevitas_export_matches_brevitas(bench):
+    if not has_brevitas():
+        pytest.skip("brevitas is not importable")
+    row = next(r for r in bench[0]["rows"] if r["method"] == "brevitas-qat")
+    assert row["accuracy"] == row["qat_module_accuracy"]
+    assert row["unique_values"] <= 4 * 3 + 1  # 4 layers of ternary weights sharing 0
+    # codes at 2 bits + one float32 scale per tensor + float32 biases
+    loaded = pqnet.QuantizedNet.load(bench[1] / "q" / row["file"])
+    assert row["size_bytes"] == loaded.sizes["codes"] + 4 * 4 + loaded.sizes["float32"]
+
+
+def test_pareto_plot_from_json(bench, tmp_path):
+    _, folder = bench
+    assert (folder / "out.png").read_bytes().startswith(b"\x89PNG")
+    results = json.loads((folder / "out.json").read_text())
+    path = save_figure(pareto_plot(results), tmp_path / "again.png")
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(b"\x89PNG")
+    assert pareto_front([(1, 0.5), (2, 0.4), (2, 0.9), (3, 0.8), (4, 0.95)]) == \
+        [(1, 0.5), (2, 0.9), (4, 0.95)]
+
+
+def test_cli_bad_model(tmp_path, capsys):
+    status = main(["bench", "--model", "nope", "--data", "digits",
+                   "--json", str(tmp_path / "out.json")])
+    assert status == 2
+    assert "model" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="methods"):
+        run_benchmark("digits_cnn", "digits", methods=["nope"])
+    with pytest.raises(ValueError, match="budgets"):
+        run_benchmark("digits_cnn", "digits", budgets=[0.5])
+    with pytest.raises(ValueError, match="data"):
+        run_benchmark("digits_cnn", "nope")
