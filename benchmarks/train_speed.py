@@ -48,6 +48,7 @@ import datetime
 import platform
 import statistics
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -274,15 +275,14 @@ def main(argv: list[str] | None = None) -> dict:
                         call_seconds_per_epoch=call / args.epochs)
 
     if "bayesian-torch" not in skipped:
-        import bayesian_torch
-
         bt_net, bt_s = train_bayesian_torch(train, *common)
         metrics = evaluate_stochastic(bt_net, test, args.num_samples, args.seed)
         rows["bayesian-torch"] = row("bayesian-torch", bt_s, metrics, plain_epoch,
-                                     version=getattr(bayesian_torch, "__version__", "unknown"))
+                                     version=version("bayesian-torch"))
 
     print_table(list(rows.values()), skipped)
-    print(f"\ns/epoch: mean over epochs 2..{args.epochs} after a discarded warm-up; "
+    which = f"epochs 2..{args.epochs}" if args.epochs > 1 else "the only epoch"
+    print(f"\ns/epoch: mean over {which} after a discarded warm-up; "
           f"pqnet's whole fit() call took {call:.2f} s ({call / args.epochs:.3f} s/epoch)")
     targets = check_targets(rows)
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
                      load_average_after=os.getloadavg()),
         data=dict(train=len(train), test=len(test), note=train.note),
         config=dict(vars(args), json=str(args.json) if args.json else None,
-                    warmup_examples=WARMUP_EXAMPLES, per_epoch_mean="epochs 2..E"),
+                    warmup_examples=WARMUP_EXAMPLES, per_epoch_mean=which),
         rows=rows, skipped=skipped, targets=targets,
     )
     if args.json:
