@@ -242,6 +242,44 @@ def print_results(results: dict, log: Callable[[str], None] = print) -> None:
         log(f"skipped: {skip}")
 
 
+def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
+                   methods: Sequence[str], budgets: Sequence[float], kmeans_ks: Sequence[int],
+                   folder: Path, seed: int = 0, keep: bool = False,
+                   skipped: list[str] | None = None, log: Callable[[str], None] = print,
+                   **options) -> list[dict]:
+    """Quantize ``posterior`` with each of ``methods`` at each budget (k-means at each ``k``),
+    save each result in ``folder``, load it back, and score the loaded copy on ``test``: one
+    row per run. A run that raises ``ValueError`` / ``RuntimeError`` is noted in ``skipped``.
+    ``options`` (e.g. ``finetune_epochs``) go to every :func:`pqnet.quantize` call."""
+    skipped = [] if skipped is None else skipped
+    runs = []  # (method, budget keywords, budget, file stem)
+    for m in methods:
+        if m == "kmeans":
+            runs += [(m, {"k": k}, max(1, math.ceil(math.log2(k))), f"kmeans_k{k}")
+                     for k in kmeans_ks]
+        else:
+            runs += [(m, {"avg_bits": b}, b, f"{m}_b{b:g}") for b in budgets]
+    rows = []
+    for method, budget_kw, budget, stem in runs:
+        start = time.perf_counter()
+        try:
+            qnet = quantize(posterior, method, data=train, seed=seed, **budget_kw, **options)
+        except (ValueError, RuntimeError) as err:
+            skipped.append(f"{method} at {budget_kw}: {type(err).__name__}: {err}")
+            log(f"skipped: {skipped[-1]}")
+            continue
+        seconds = time.perf_counter() - start
+        file = folder / f"{stem}.pt"
+        scores, loaded = _measure(qnet, file, test)
+        info = {"file": file.name} if keep else {}
+        if method == "kmeans":
+            info["k"] = budget_kw["k"]
+        rows.append(_row(method, budget, loaded, scores, seconds, **info))
+        log(f"{stem}: {loaded.avg_bits:.3f} bits, accuracy {scores['accuracy']:.4f}, "
+            f"{seconds:.1f} s")
+    return rows
+
+
 def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                   epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
                   kl_weight: float = 1.0, bnn_init: str = "scratch",
@@ -332,34 +370,12 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     }
 
     # every quantizer at every budget; each scored on its saved-and-loaded copy
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="pqnet-bench-") as tmp:
         folder = Path(save_dir) if save_dir is not None else Path(tmp)
         keep = save_dir is not None
-        runs = []  # (method, budget keywords, budget, file stem)
-        for m in methods:
-            if m == "kmeans":
-                runs += [(m, {"k": k}, max(1, math.ceil(math.log2(k))), f"kmeans_k{k}")
-                         for k in kmeans_ks]
-            else:
-                runs += [(m, {"avg_bits": b}, b, f"{m}_b{b:g}") for b in budgets]
-        for method, budget_kw, budget, stem in runs:
-            start = time.perf_counter()
-            try:
-                qnet = quantize(posterior, method, data=train, seed=seed, **budget_kw, **extra)
-            except (ValueError, RuntimeError) as err:
-                skipped.append(f"{method} at {budget_kw}: {type(err).__name__}: {err}")
-                log(f"skipped: {skipped[-1]}")
-                continue
-            seconds = time.perf_counter() - start
-            file = folder / f"{stem}.pt"
-            scores, loaded = _measure(qnet, file, test)
-            info = {"file": file.name} if keep else {}
-            if method == "kmeans":
-                info["k"] = budget_kw["k"]
-            rows.append(_row(method, budget, loaded, scores, seconds, **info))
-            log(f"{stem}: {loaded.avg_bits:.3f} bits, accuracy {scores['accuracy']:.4f}, "
-                f"{seconds:.1f} s")
+        rows = quantized_rows(posterior, train, test, methods=methods, budgets=budgets,
+                              kmeans_ks=kmeans_ks, seed=seed, folder=folder, keep=keep,
+                              skipped=skipped, log=log, **extra)
 
         # brevitas quantization-aware training
         why = brevitas_available() if brevitas_bits else None

@@ -26,11 +26,13 @@ from .diagnostics.table import format_table
 from .inference import Posterior, evaluate, fit
 
 
-def _add_fit_options(parser: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+def _add_fit_options(parser: argparse.ArgumentParser, epochs: int, lr: float,
+                     kl_weight: float = 1.0, lr_schedule: str = "constant") -> None:
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=lr)
-    parser.add_argument("--kl-weight", type=float, default=1.0,
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=lr_schedule)
+    parser.add_argument("--kl-weight", type=float, default=kl_weight,
                         help="beta of the ELBO's KL term (1: the true posterior)")
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--prior", default="fan-in", help="'fan-in', 'normal' or a scale")
@@ -62,7 +64,8 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
                    init_scale=_number_or_name(args.init_scale))
     posterior = fit(bnn, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     kl_weight=args.kl_weight, warmup_epochs=args.warmup_epochs,
-                    seed=args.seed, device=args.device, progress=args.progress)
+                    lr_schedule=args.lr_schedule, seed=args.seed, device=args.device,
+                    progress=args.progress)
     metrics = {
         "bnn": evaluate(posterior, test, num_samples=args.num_samples, seed=args.seed),
         "mean": evaluate(posterior.mean_module(), test),
@@ -84,8 +87,29 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
     return posterior, result
 
 
+DEMO_BUDGETS = (1.5, 2.0, 3.0, 4.0)
+
+
 def _demo(args: argparse.Namespace) -> None:
-    fit_run("digits_cnn", "digits", None, args.out, args)
+    from .bench import quantized_rows
+    from .quantize import METHODS
+
+    posterior, result = fit_run("digits_cnn", "digits", None, args.out, args)
+    if args.kl_weight != 1:
+        print(f"(a tempered posterior: the KL term weighs {args.kl_weight:g}; "
+              "--kl-weight 1 fits the true one)")
+    train, test = datasets.load("digits")
+    rows = quantized_rows(posterior, train, test, methods=list(METHODS), budgets=DEMO_BUDGETS,
+                          kmeans_ks=(4, 8, 16), folder=args.out / "quantized", keep=True,
+                          seed=args.seed, log=lambda line: None)
+    print()
+    print(format_table([{**r, "method": r["method"] + (f" k={r['k']}" if "k" in r else "")}
+                        for r in rows],
+                       ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
+                        "unique_values", "size_bytes"]))
+    save_json({**result, "rows": rows}, args.out / "quantize.json")
+    print(f"each row scored on its saved and reloaded copy in {args.out}/quantized/; "
+          f"table in {args.out}/quantize.json")
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -121,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on scikit-learn's digits")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    _add_fit_options(demo, epochs=30, lr=1e-2)
+    _add_fit_options(demo, epochs=15, lr=1e-2, kl_weight=0.1, lr_schedule="cosine")
     demo.set_defaults(run=_demo)
 
     fit_cmd = commands.add_parser("fit", help="fit a BNN and write its posterior and metrics")
