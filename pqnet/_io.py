@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | os.PathLike, what: str, file_format: str, version: int,
+               map_location: str | torch.device = "cpu") -> dict:
+    """Read a pqnet file (a dict with ``format`` and ``version`` fields) written by
+    :func:`save_torch`; a ``FileNotFoundError`` or ``ValueError`` naming ``path`` otherwise.
+
+    The file holds a pickled ``nn.Module``, so the full unpickler is needed: load only files
+    you trust, as with any ``torch.save`` of a module.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no {what} file at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError,
+            OSError, AttributeError, ImportError) as err:
+        raise ValueError(f"path: {path} is not a readable pqnet {what} "
+                         f"(corrupt or truncated?): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != file_format:
+        raise ValueError(f"path: {path} is not a pqnet {what} file")
+    if state.get("version") != version:
+        raise ValueError(f"path: {path} has {what} format version {state.get('version')!r}; "
+                         f"this pqnet reads version {version}")
+    return state
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:

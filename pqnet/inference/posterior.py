@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .._io import save_torch
+from .._io import load_torch, save_torch
 from ..bnn.convert import BNN, LayerInfo
 
 FORMAT = "pqnet.posterior"
@@ -109,22 +107,7 @@ class Posterior:
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Posterior:
         """Read a posterior written by :meth:`save`; a clear error for anything else."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: no posterior file at {path}")
-        try:
-            # the file holds a pickled nn.Module, so the full unpickler is needed:
-            # load only posteriors you trust, as with any torch.save of a module
-            state = torch.load(path, map_location=map_location, weights_only=False)
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
-                ValueError, OSError) as err:
-            raise ValueError(f"path: {path} is not a readable pqnet posterior "
-                             f"(corrupt or truncated?): {err}") from err
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"path: {path} is not a pqnet posterior file")
-        if state.get("version") != VERSION:
-            raise ValueError(f"path: {path} has posterior format version "
-                             f"{state.get('version')!r}; this pqnet reads version {VERSION}")
+        state = load_torch(path, "posterior", FORMAT, VERSION, map_location)
         layers = {k: LayerInfo.from_dict(v) for k, v in state["layers"].items()}
         return cls(state["loc"], state["scale"], layers, state["module"], state["likelihood"],
                    state["history"], state["config"])

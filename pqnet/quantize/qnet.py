@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import save_torch
+from .._io import load_torch, save_torch
 
 FORMAT = "pqnet.quantized"
 VERSION = 1
@@ -363,22 +361,7 @@ class QuantizedNet:
     def load(cls, path: str | os.PathLike) -> QuantizedNet:
         """Read a file written by :meth:`save`; a ``ValueError`` naming ``path`` for anything
         else (corrupt, truncated, foreign or of another format version)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: no quantized network file at {path}")
-        try:
-            # the file holds a pickled nn.Module, so the full unpickler is needed:
-            # load only files you trust, as with any torch.save of a module
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError,
-                ValueError, OSError, AttributeError, ImportError) as err:
-            raise ValueError(f"path: {path} is not a readable pqnet quantized network "
-                             f"(corrupt or truncated?): {err}") from err
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"path: {path} is not a pqnet quantized network file")
-        if state.get("version") != VERSION:
-            raise ValueError(f"path: {path} has quantized-network format version "
-                             f"{state.get('version')!r}; this pqnet reads version {VERSION}")
+        state = load_torch(path, "quantized network", FORMAT, VERSION)
         try:
             layers = {p: QuantizedLayer.unpacked(d) for p, d in state["layers"].items()}
             return cls(layers, state["module"], state["method"], state["config"])
