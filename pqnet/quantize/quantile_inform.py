@@ -50,8 +50,11 @@ def quantile_inform(posterior: Posterior, *, data: Dataset | None = None, seed: 
     3. with a budget, ``k`` is the smallest tolerance (bisection) whose average bits
        ``sum_l n_l b_l / N`` are ``<= avg_bits``: the budget is met from below, as closely as
        the per-layer allocations allow;
-    4. each layer is rounded to its symmetric ``b_l``-bit grid (one per output channel with
-       ``per_channel``; the needs in (1) use the same grids).
+    4. each layer is rounded to the symmetric ``b_l``-bit grid under which its rounded means
+       are most probable under the posterior (:func:`~pqnet.quantize.grids.grid_scale` with
+       ``sigma``; one per output channel with ``per_channel``). The needs in (1) measure
+       ``sigma`` against the min-max grid's resolution, which does not depend on ``sigma``,
+       so a weight's need never falls when its ``sigma`` does.
 
     The budget is met through ``k`` at a fixed ``q`` rather than through ``q`` at a fixed
     ``k``: at ``k = 1`` every weight's need is met (``q = 1``) at 2.3 bits on the digits BNN,
@@ -92,8 +95,8 @@ def quantile_inform(posterior: Posterior, *, data: Dataset | None = None, seed: 
     else:
         fewest = max(float(tau.max()) for tau in taus.values())  # every layer at 1 bit
         k = meet_budget(avg_bits_at, check_avg_bits(avg_bits), fewest=fewest, most=0.0)
-    quantized = {layer: grid_layer(mu, layer_bits(k)[layer], per_channel)
-                 for layer, mu, _ in layers}
+    quantized = {layer: grid_layer(mu, layer_bits(k)[layer], per_channel, sigma)
+                 for layer, mu, sigma in layers}
     return QuantizedNet(quantized, posterior.module, "quantile-inform",
                         {"avg_bits": avg_bits, "k": k, "q": q, "per_channel": per_channel,
                          "seed": seed})

@@ -92,8 +92,8 @@ def random_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int 
 
     layers = layer_posteriors(posterior)
     module = posterior.module.eval()
-    grids = {layer: [grid_scale(mu, b) for b in range(1, MAX_BITS + 1)]
-             for layer, mu, _ in layers}
+    grids = {layer: [grid_scale(mu, b, sigma=sigma) for b in range(1, MAX_BITS + 1)]
+             for layer, mu, sigma in layers}
     sizes = torch.tensor([float(mu.numel()) for _, mu, _ in layers], dtype=torch.float64)
     cost_per_width = n * sizes[:, None] / sizes.sum() * WIDTHS  # nats per unit of lambda
     logits = torch.zeros(len(layers), MAX_BITS, dtype=torch.float64)
@@ -126,7 +126,7 @@ def random_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int 
                 if len(history) == steps:
                     break
     bits = most_probable_within(logits, sizes, budget)
-    quantized = {layer: grid_layer(mu, int(b)) for (layer, mu, _), b in zip(
+    quantized = {layer: grid_layer(mu, int(b), sigma=sigma) for (layer, mu, sigma), b in zip(
         layers, bits.tolist(), strict=True)}
     probs = logits.softmax(-1)
     return QuantizedNet(quantized, posterior.module, "random-bits", {
