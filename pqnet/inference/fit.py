@@ -186,7 +186,9 @@ def fit(
                   local_reparam=bnn.local_reparam, prior=repr(bnn.prior))
 
     history: list[dict] = []
-    bar = tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="SVI", unit="step")
+    # disable=None: no bar when stderr is not a terminal (logs, CI), as tqdm documents
+    bar = tqdm(total=epochs * steps_per_epoch, disable=None if progress else True, desc="SVI",
+               unit="step")
     bnn.train()
     with pyro.validation_enabled(False):  # checked once above; the per-step checks cost ~10%
         for epoch in range(epochs):
