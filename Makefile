@@ -13,8 +13,9 @@ MNIST   ?= ../shared/data/mnist
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-# bench peers: bayesian-torch declares torchvision (a CUDA wheel here) but its
-# dnn_to_bnn does not import it, so it goes in without its declared dependencies.
+# bench peers, for the tests too (they check the brevitas export): bayesian-torch declares
+# torchvision (a CUDA wheel here) but its dnn_to_bnn does not import it, so it goes in
+# without its declared dependencies.
 .venv/.bench: .venv/.installed
 	$(PIP) install -q -c constraints.txt brevitas
 	$(PIP) install -q --no-deps bayesian-torch
@@ -23,7 +24,7 @@ MNIST   ?= ../shared/data/mnist
 demo: .venv/.installed
 	$(PY) -m pqnet demo
 
-test: .venv/.installed
+test: .venv/.bench
 	$(PY) -m pytest -q
 
 bench: .venv/.bench
