@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from . import data as datasets
 from . import models
 from ._io import save_json
@@ -59,6 +61,7 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
     ``metrics.json`` to ``out`` (when given)."""
     train, test = datasets.load(data, root=data_dir)
     print(train.note)
+    torch.manual_seed(args.seed)  # the initial weights: the same seed, the same run
     module = models.for_data(model, train.input_shape, train.num_classes)
     bnn = bayesian(module, prior=_number_or_name(args.prior),
                    init_scale=_number_or_name(args.init_scale))

@@ -197,6 +197,11 @@ def test_cli_fit_writes_a_run_folder(tmp_path, capsys):
     assert 0 < metrics["test"]["bnn"]["accuracy"] <= 1
     posterior = pqnet.Posterior.load(out / "posterior.pt")
     assert posterior.config["epochs"] == 2
+    # the same seed, the same run: initial weights included
+    assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--epochs", "2",
+                 "--num-samples", "4", "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    again = pqnet.Posterior.load(tmp_path / "again" / "posterior.pt")
+    assert all(torch.equal(again.loc[k], posterior.loc[k]) for k in posterior.names)
 
 
 def test_cli_errors_name_the_argument_and_keep_old_results(tmp_path, capsys):
