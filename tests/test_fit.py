@@ -217,3 +217,28 @@ def test_cli_errors_name_the_argument_and_keep_old_results(tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "epochs: expected a positive int" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_the_lean_elbo_is_the_mean_field_elbo():
+    """ClosedFormKLELBO skips only log-densities its loss never reads: same loss, same
+    gradients as Pyro's TraceMeanField_ELBO, with validation off (the fast path) and on."""
+    import pyro
+    from pyro.infer import TraceMeanField_ELBO
+
+    from pqnet.inference.fit import ClosedFormKLELBO
+
+    module = odd_convnet()
+    x, y = torch.randn(6, 2, 16, 16), torch.randint(0, 3, (6,))
+    for validate in (False, True):
+        results = []
+        for elbo_class in (TraceMeanField_ELBO, ClosedFormKLELBO):
+            bnn = pqnet.bayesian(module)
+            elbo = elbo_class()(bnn, bnn.guide)
+            pyro.set_rng_seed(0)
+            with pyro.validation_enabled(validate):
+                loss = elbo(x, y, dataset_size=60)
+            loss.backward()
+            results.append((loss.detach(), [p.grad.clone() for p in elbo.parameters()]))
+        (loss_a, grads_a), (loss_b, grads_b) = results
+        assert torch.equal(loss_a, loss_b)
+        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))

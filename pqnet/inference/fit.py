@@ -8,13 +8,38 @@ from collections.abc import Iterator
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ..bnn.convert import BNN
 from .posterior import Posterior
+
+
+class ClosedFormKLELBO(TraceMeanField_ELBO):
+    """:class:`~pyro.infer.TraceMeanField_ELBO` that evaluates log-densities only where its
+    loss reads them.
+
+    With every latent site's KL in closed form (pqnet's Normal guide against Normal priors)
+    the loss needs ``log p`` at the observed sites alone, but Pyro's importance trace also
+    evaluates the prior and guide densities of every weight: 20 unused log-densities a step
+    for LeNet-5, about a sixth of its time. Same loss, same gradients; with Pyro's validation
+    on, the parent's fully checked trace is used.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        if is_validation_enabled():
+            return super()._get_trace(model, guide, args, kwargs)
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace),
+                                    graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
+        return model_trace, prune_subsample_sites(guide_trace)
 
 
 def batches(dataset: Dataset, batch_size: int, *, shuffle: bool = True,
@@ -130,8 +155,9 @@ def fit(
         \\mathcal L(q) = \\frac{N}{B}\\sum_{n \\in \\text{batch}}
             \\mathbb E_{q(w)}[\\log p(y_n \\mid x_n, w)] - \\beta\\,\\mathrm{KL}(q \\,\\|\\, p),
 
-    with the KL in closed form (:class:`~pyro.infer.TraceMeanField_ELBO`, through its
-    :class:`~pyro.infer.elbo.ELBOModule`, so the loop is plain PyTorch) and ``beta =
+    with the KL in closed form (:class:`~pyro.infer.TraceMeanField_ELBO`, as
+    :class:`ClosedFormKLELBO`, through its :class:`~pyro.infer.elbo.ELBOModule`, so the loop
+    is plain PyTorch) and ``beta =
     kl_weight`` (1 is the true ELBO; below 1 a tempered posterior). With ``warmup_epochs``
     beta rises linearly from ``kl_weight / warmup_epochs`` to ``kl_weight``. The posterior
     scales' parameters ``rho`` learn at ``scale_lr`` (default ``10 * lr``): they start
@@ -169,7 +195,7 @@ def fit(
     n = check_dataset(bnn.template, train_dataset, "train_dataset", bnn.likelihood.kind)
     pyro.set_rng_seed(seed)
     order = torch.Generator().manual_seed(seed)
-    elbo = TraceMeanField_ELBO(num_particles=num_particles)(bnn, bnn.guide)
+    elbo = ClosedFormKLELBO(num_particles=num_particles)(bnn, bnn.guide)
     rho = {id(p) for p in bnn.guide.rho.parameters()}
     optimizer = torch.optim.Adam([
         {"params": [p for p in elbo.parameters() if id(p) not in rho]},
