@@ -206,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError) as err:
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError,
+            FloatingPointError) as err:
         print(f"pqnet {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

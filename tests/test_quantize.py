@@ -388,10 +388,12 @@ def test_methods_on_the_digits_bnn(digits, tmp_path):
 
 def test_random_bits_meets_the_budget_is_seeded_and_needs_data(digits):
     posterior, test, float_accuracy, train = digits
+    was_training = posterior.module.training
     runs = [pqnet.quantize(posterior, "random-bits", data=train, avg_bits=budget, steps=15,
                            seed=seed) for budget, seed in [(2.0, 0), (2.0, 0), (4.0, 1)]]
     assert all(q.avg_bits <= b for q, b in zip(runs, [2.0, 2.0, 4.0], strict=True))
     assert runs[0].layer_bits == runs[1].layer_bits  # the same seed, the same widths
+    assert posterior.module.training == was_training  # the caller's module is left alone
     probabilities = runs[0].config["bit_probabilities"]
     assert all(abs(sum(p) - 1) < 1e-6 for p in probabilities.values())
     accuracy = pqnet.evaluate(runs[2].to_module(), test)["accuracy"]
@@ -438,6 +440,8 @@ def test_finetuning_keeps_the_codebooks_and_recovers_accuracy(digits):
         pqnet.quantize(posterior, "uniform", bits=1, finetune_epochs=1)
     with pytest.raises(ValueError, match="^finetune_epochs:"):
         pqnet.quantize(posterior, "uniform", bits=1, data=train, finetune_epochs=-1)
+    with pytest.raises(ValueError, match="^finetune_lr:"):
+        pqnet.quantize(posterior, "uniform", bits=1, finetune_lr="fast")
 
 
 def test_encode_is_nearest_level_rounding(small):

@@ -11,6 +11,7 @@ dimensions, to :func:`arviz.from_dict`.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -255,7 +256,7 @@ def to_inference_data(
     draws = {name: [] for name in var_names}
     log_lik, y_rep = [], []
     for fit in fits:
-        net = fit.module.eval()
+        net = copy.deepcopy(fit.module).eval()  # the caller's module keeps its mode
         chain_draws = {name: [] for name in var_names}
         chain_ll, chain_rep = [], []
         for _ in range(num_samples):
@@ -333,7 +334,7 @@ def held_out_inference_data(model: Network, data: Dataset, *, num_samples: int =
     module = model.module if isinstance(model, Posterior) else model
     check_dataset(module, data, "data", likelihood["kind"])
     x, y = _tensors(data)
-    module.eval()
+    module = copy.deepcopy(module).eval()  # the caller's module keeps its mode
     if isinstance(model, Posterior):
         gen = torch.Generator().manual_seed(seed)
         draws = [_log_lik(_forward(module, {

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from ..inference.posterior import Posterior
 from .bayesian_compression import bayesian_compression
+from .budget import check_int, check_nonnegative
 from .finetune import finetune
 from .kmeans import kmeans
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
@@ -86,6 +87,8 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
         if name not in accepted:
             raise ValueError(f"{name}: not a keyword of method {method!r}, which takes "
                              f"{', '.join(accepted)}")
+    finetune_epochs = check_int(finetune_epochs, "finetune_epochs", 0, 10_000)
+    finetune_lr = check_nonnegative(finetune_lr, "finetune_lr")
     qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
     if finetune_epochs == 0:
         return qnet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -88,10 +89,12 @@ def random_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int 
     dual_lr = check_nonnegative(dual_lr, "dual_lr")
     if data is None:
         raise ValueError("data: random-bits needs the training data (a torch Dataset)")
+    if posterior.likelihood.get("kind") != "categorical":
+        raise ValueError("posterior: random-bits is for classifiers (a categorical likelihood)")
     n = check_dataset(posterior.module, data, "data")
 
     layers = layer_posteriors(posterior)
-    module = posterior.module.eval()
+    module = copy.deepcopy(posterior.module).eval()  # the caller's module keeps its mode
     grids = {layer: [grid_scale(mu, b, sigma=sigma) for b in range(1, MAX_BITS + 1)]
              for layer, mu, sigma in layers}
     sizes = torch.tensor([float(mu.numel()) for _, mu, _ in layers], dtype=torch.float64)
