@@ -38,6 +38,7 @@ from .._io import atomic_write
 from ..inference.fit import _positive_int
 from ..inference.posterior import Posterior
 from ..quantize import QuantizedNet, quantize
+from ..quantize.qnet import FLOAT_BYTES
 from .analysis import analyze, predictive_summary
 from .arviz import az, compare_networks, to_inference_data
 from .plots import (
@@ -55,9 +56,6 @@ __all__ = ["VARIANTS", "markdown_table", "write_report"]
 #: the quantized versions a report makes: (method, average-bit budget)
 VARIANTS: tuple[tuple[str, float], ...] = (("quantile-inform", 2.0), ("quantile-inform", 4.0),
                                            ("uniform", 2.0), ("uniform", 4.0))
-FLOAT_BYTES = 4
-
-
 # --------------------------------------------------------------------------- markdown
 
 
@@ -347,7 +345,7 @@ def write_report(
            "their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean quantization "
            "error in posterior sds (a posterior draw: 0.80).", ""]
     rows = [{"network": f"BNN ({num_samples} draws)", "avg_bits": 32.0,
-             "size_kib": 2 * FLOAT_BYTES * posterior.num_weights / 1024, **bnn},
+             "size_kib": (float_size + FLOAT_BYTES * posterior.num_weights) / 1024, **bnn},
             {"network": "posterior mean", "avg_bits": 32.0, "size_kib": float_size / 1024,
              "compression": 1.0, **mean}]
     for label, qnet in qnets.items():

@@ -13,18 +13,13 @@ from torch.utils.data import Dataset
 from ..inference.fit import batches, check_dataset
 from ..inference.posterior import Posterior
 from .budget import check_int, check_nonnegative, check_seed
-from .qnet import QuantizedNet, gather_levels, weight_name
+from .qnet import QuantizedLayer, QuantizedNet, weight_name
 
 
-def _rounded(layer, w: torch.Tensor) -> torch.Tensor:
+def _rounded(layer: QuantizedLayer, w: torch.Tensor) -> torch.Tensor:
     """``w`` rounded to ``layer``'s codebooks, with the straight-through gradient of
     Bengio et al. 2013 (``d round(w) / dw := 1``)."""
-    values = torch.empty_like(w)
-    codes = layer.encode(w)
-    for width, levels in layer.codebooks.items():
-        mask = layer.bits == width
-        values[mask] = gather_levels(levels, torch.where(mask, codes, 0))[mask]
-    return w + (values - w).detach()
+    return w + (layer.decode(layer.encode(w)) - w).detach()
 
 
 def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs: int,

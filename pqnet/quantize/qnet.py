@@ -121,10 +121,15 @@ class QuantizedLayer:
 
     def values(self) -> torch.Tensor:
         """The quantized weight: float32, every entry a codebook value."""
-        out = torch.empty(self.codes.shape, dtype=torch.float32)
+        return self.decode(self.codes)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codebook values of ``codes`` (uint8, this layer's shape) under this layer's
+        widths and codebooks."""
+        out = torch.empty(codes.shape, dtype=torch.float32)
         for width, levels in self.codebooks.items():
             mask = self.bits == width
-            own_codes = torch.where(mask, self.codes, 0)  # others may index past this codebook
+            own_codes = torch.where(mask, codes, 0)  # others may index past this codebook
             out[mask] = gather_levels(levels, own_codes)[mask]
         return out
 
