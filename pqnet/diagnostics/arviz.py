@@ -260,8 +260,7 @@ def to_inference_data(
         chain_draws = {name: [] for name in var_names}
         chain_ll, chain_rep = [], []
         for _ in range(num_samples):
-            weights = {k: fit.loc[k] + fit.scale[k] * torch.randn(fit.loc[k].shape, generator=gen)
-                       for k in fit.loc}
+            weights = fit.draw(gen)
             f = _forward(net, weights, x, batch_size)
             chain_ll.append(_log_lik(f, y, fit.likelihood))
             chain_rep.append(_replicate(f, y, fit.likelihood, rep_gen))
@@ -337,9 +336,8 @@ def held_out_inference_data(model: Network, data: Dataset, *, num_samples: int =
     module = copy.deepcopy(module).eval()  # the caller's module keeps its mode
     if isinstance(model, Posterior):
         gen = torch.Generator().manual_seed(seed)
-        draws = [_log_lik(_forward(module, {
-            k: model.loc[k] + model.scale[k] * torch.randn(model.loc[k].shape, generator=gen)
-            for k in model.loc}, x, batch_size), y, likelihood) for _ in range(num_samples)]
+        draws = [_log_lik(_forward(module, model.draw(gen), x, batch_size), y, likelihood)
+                 for _ in range(num_samples)]
         lpd = torch.logsumexp(torch.stack(draws), 0) - math.log(num_samples)
         what = f"BNN posterior predictive, log of the mean density over {num_samples} draws"
     else:

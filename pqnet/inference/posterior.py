@@ -80,6 +80,13 @@ class Posterior:
             for k in self.loc
         }
 
+    def draw(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One joint draw ``w = loc + scale * eps``, ``eps ~ N(0, I)`` from ``generator``: a
+        dict of tensors of the weights' shapes, ready for ``torch.func.functional_call``."""
+        return {k: self.loc[k] + self.scale[k] * torch.randn(self.loc[k].shape,
+                                                             generator=generator)
+                for k in self.loc}
+
     def mean_module(self) -> nn.Module:
         """A plain ``nn.Module`` (a copy of the original network) holding the posterior means."""
         return copy.deepcopy(self.module)

@@ -24,8 +24,7 @@ def _networks(model: Model, num_samples: int, seed: int,
         net = model.module.to(device).eval()
         gen = torch.Generator().manual_seed(seed)
         for _ in range(num_samples):
-            yield net, {k: (model.loc[k] + model.scale[k] * torch.randn(
-                model.loc[k].shape, generator=gen)).to(device) for k in model.loc}
+            yield net, {k: w.to(device) for k, w in model.draw(gen).items()}
     elif isinstance(model, nn.Module):
         yield model.to(device).eval(), {}
     else:
