@@ -77,25 +77,34 @@ def steady_mean(seconds: list[float]) -> float:
 # --------------------------------------------------------------------------- (a) plain
 
 
-def train_plain(train, epochs: int, batch_size: int, lr: float, seed: int):
-    """Adam + cross-entropy on the deterministic LeNet-5; returns (net, seconds per epoch)."""
-    torch.manual_seed(seed)
-    net = pqnet.models.lenet5()
+def timed_epochs(net, train, loss_fn, epochs: int, batch_size: int, lr: float,
+                 seed: int) -> list[float]:
+    """Train ``net`` with Adam on ``loss_fn(net, x, y)`` over pqnet.fit's batches; return the
+    seconds of each epoch. ``loss.item()`` each step, as pqnet.fit does, so both pay it."""
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     order = epoch_order(seed)
     seconds = []
     net.train()
     for _ in range(epochs):
         start = time.perf_counter()
-        total = 0.0
         for x, y in batches(train, batch_size, generator=order):
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y)
+            loss = loss_fn(net, x, y)
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            loss.item()
         seconds.append(time.perf_counter() - start)
-    return net.eval(), seconds
+    net.eval()
+    return seconds
+
+
+def train_plain(train, epochs: int, batch_size: int, lr: float, seed: int):
+    """Adam + cross-entropy on the deterministic LeNet-5; returns (net, seconds per epoch)."""
+    torch.manual_seed(seed)
+    net = pqnet.models.lenet5()
+    seconds = timed_epochs(net, train, lambda net, x, y: F.cross_entropy(net(x), y), epochs,
+                           batch_size, lr, seed)
+    return net, seconds
 
 
 # --------------------------------------------------------------------------- (b) pqnet
@@ -134,22 +143,11 @@ def train_bayesian_torch(train, epochs: int, batch_size: int, lr: float, seed: i
         "prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0,
         "posterior_rho_init": -3.0, "type": "Flipout", "moped_enable": False,
     })
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    order = epoch_order(seed)
     n = len(train)
-    seconds = []
-    net.train()
-    for _ in range(epochs):
-        start = time.perf_counter()
-        total = 0.0
-        for x, y in batches(train, batch_size, generator=order):
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y) + get_kl_loss(net) / n
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        seconds.append(time.perf_counter() - start)
-    return net.eval(), seconds
+    seconds = timed_epochs(net, train,
+                           lambda net, x, y: F.cross_entropy(net(x), y) + get_kl_loss(net) / n,
+                           epochs, batch_size, lr, seed)
+    return net, seconds
 
 
 @torch.no_grad()
