@@ -12,6 +12,7 @@ lenet5     LeNet-5 (LeCun et al. 1998)                   1x28x28         61,706
 vgg16      VGG-16 with BatchNorm (Simonyan & Zisserman)  3x32x32         14,724,042
 resnet20   CIFAR ResNet-20 (He et al. 2016)              3x32x32         272,474
 digits_cnn small CNN for scikit-learn digits             1x8x8           38,282
+vit_tiny   small ViT (Dosovitskiy et al. 2021)           1x28x28         139,018
 ========== ============================================= =============== ==========
 
 Use :func:`get` to build a model by name, e.g. ``get("lenet5", num_classes=10)``.
@@ -22,9 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MODELS", "digits_cnn", "for_data", "get", "lenet5", "mlp", "resnet20", "vgg16"]
+__all__ = ["MODELS", "digits_cnn", "for_data", "get", "lenet5", "mlp", "resnet20", "vgg16",
+           "vit_tiny"]
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -176,12 +180,87 @@ def digits_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention from two ``Linear`` layers (``qkv`` and ``proj``), so that
+    :func:`pqnet.bayesian` makes all its weights random."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"heads: {heads} does not divide dim {dim}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))`` (GELU)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision Transformer of Dosovitskiy et al. (2021), "An image is worth 16x16 words":
+    non-overlapping ``patch x patch`` patches, a linear patch embedding, a class token,
+    learned position embeddings, ``depth`` pre-norm blocks and a linear head on the class
+    token. Every weight matrix is an ``nn.Linear``."""
+
+    def __init__(self, num_classes: int, image_size: int, in_channels: int, patch: int,
+                 dim: int, depth: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"patch: {patch} does not divide the image size {image_size}")
+        self.patch = patch
+        tokens = (image_size // patch) ** 2
+        self.embed = nn.Linear(in_channels * patch * patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch
+        patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)  # (B, tokens, C*p*p)
+        tokens = self.embed(patches)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+def vit_tiny(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, patch: int = 7,
+             dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128) -> nn.Module:
+    """A small :class:`ViT` for 28x28 images: 16 patches of 7x7, width 64, 4 blocks of 4
+    heads, MLP width 128; 139,018 parameters for MNIST. Its weights are all ``Linear``, so
+    it shows the quantizers beyond convolutions."""
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                        ("image_size", image_size), ("patch", patch), ("dim", dim),
+                        ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim)):
+        _check_positive_int(name, value)
+    return ViT(num_classes, image_size, in_channels, patch, dim, depth, heads, mlp_dim)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "lenet5": lenet5,
     "vgg16": vgg16,
     "resnet20": resnet20,
     "digits_cnn": digits_cnn,
+    "vit_tiny": vit_tiny,
 }
 
 

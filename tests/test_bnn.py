@@ -61,12 +61,14 @@ def test_initial_scale_rules():
     assert torch.allclose(pwfn.guide.scale_of("net.weight"), pwfn_scale(w), rtol=1e-4)
 
 
-def test_pwfn_scale_is_small_near_powers_of_two_and_clamped():
-    w = torch.tensor([0.25, -0.5, 0.375, 0.3, 1e-12, 4.0])
+def test_pwfn_scale_follows_the_distance_to_both_neighbouring_powers_of_two():
+    w = torch.tensor([0.25, -0.5, 0.375, 0.3, 0.26, 1e-12, 4.0, 0.7])
     s = pwfn_scale(w)
-    q75 = w.abs().quantile(0.75)
-    assert s[0] == s[1] == 2.0**-30  # exactly a power of two: nothing to gain from moving
-    assert torch.isclose(s[2], torch.clamp(0.125 / 0.375 * q75, max=0.05))  # halfway
+    d = torch.tensor([0, 0, 0.125 * 0.125, 0.05 * 0.2, 0.01 * 0.24, 0, 0, 0.2 * 0.3]) / w.square()
+    q75 = d.quantile(0.75)
+    assert s[0] == s[1] == s[6] == 2.0**-30  # exactly a power of two: nothing to gain by moving
+    assert torch.allclose(s[2:5], (0.0025 * d[2:5] / q75).clamp(max=0.05), rtol=1e-5)
+    assert s[2] > s[4]  # halfway between powers of two is less representable than near one
     assert s.max() <= 0.05 and s.min() >= 2.0**-30
 
 
@@ -157,6 +159,50 @@ def test_lrt_draws_differ_per_example_but_explicit_draws_do_not():
         bnn.local_reparam = False
         out = draw_outputs(bnn, x)
         assert torch.allclose(out[0], out[1])
+
+
+def test_a_linear_over_tokens_draws_one_weight_per_minibatch():
+    """A transformer's tokens share one weight matrix, like a conv's positions: per-token
+    local reparameterisation would be a different model, so the weight is drawn."""
+    bnn = pqnet.bayesian(nn.Sequential(nn.Linear(4, 3), nn.Flatten()), init_scale=0.5)
+    with torch.no_grad():
+        out = draw_outputs(bnn, torch.ones(2, 5, 4)).reshape(2, 5, 3)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0, 0], out[0, 4])
+
+
+def test_pwfn_prior_is_anchored_at_the_starting_weights():
+    module = nn.Linear(6, 3)
+    bnn = pqnet.bayesian(module, prior="pwfn", init_scale="pwfn")
+    prior = bnn.prior_distribution("net.weight").base_dist
+    assert torch.equal(prior.loc, module.weight.detach())
+    assert torch.equal(prior.scale, torch.full((3, 6), 0.05))
+    # the KL's sigma part is smallest at the cap: it pushes sigma up to 0.05 and no further
+    sigma = torch.tensor([0.01, 0.05, 0.2], requires_grad=True)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(0.0, sigma),
+                                           torch.distributions.Normal(0.0, 0.05)).sum()
+    kl.backward()
+    assert sigma.grad[0] < 0 and abs(float(sigma.grad[1])) < 1e-5 and sigma.grad[2] > 0
+
+
+def test_fixed_weights_are_point_masses_with_no_kl_and_no_gradient():
+    bnn = pqnet.bayesian(nn.Linear(4, 3), prior="pwfn", init_scale=0.02)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    mask[0] = True
+    bnn.fix("net.weight", mask, torch.full((3, 4), 0.25))
+    guide = bnn.guide
+    assert torch.equal(guide.loc_of("net.weight")[0], torch.full((4,), 0.25))
+    assert float(guide.scale_of("net.weight")[0].max()) == 2.0**-30
+    kl = torch.distributions.kl_divergence(guide.distribution("net.weight").base_dist,
+                                           bnn.prior_distribution("net.weight").base_dist)
+    assert torch.equal(kl[0], torch.zeros(4)) and bool((kl[1:] > 0).all())
+    loss = TraceMeanField_ELBO()(bnn, guide)(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    loss.backward()
+    for param in (guide.loc["net/weight"], guide.rho["net/weight"]):
+        assert torch.equal(param.grad[0], torch.zeros(4)) and bool(param.grad[1:].ne(0).any())
+    with pytest.raises(ValueError, match="mask: would free weights"):
+        bnn.fix("net.weight", torch.zeros(3, 4, dtype=torch.bool), 0.0)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(3, 4\)"):
+        bnn.fix("net.weight", torch.ones(4, dtype=torch.bool), 0.0)
 
 
 @pytest.mark.parametrize(

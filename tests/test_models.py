@@ -14,6 +14,10 @@ def test_param_counts_match_the_papers():
     assert n_params(models.mlp()) == 266_610
     assert n_params(models.lenet5()) == 61_706
     assert 0.26e6 < n_params(models.resnet20()) < 0.28e6
+    # patch embedding 49*64+64, class token 64, positions 17*64, 4 blocks of (2 LayerNorms,
+    # qkv 64*192+192, proj 64*64+64, MLP 64*128+128 + 128*64+64), final LayerNorm, head 64*10+10
+    block = 2 * 128 + 12_480 + 4_160 + 8_320 + 8_256
+    assert n_params(models.vit_tiny()) == 3_200 + 64 + 1_088 + 4 * block + 128 + 650 == 139_018
 
 
 @pytest.mark.parametrize(
@@ -24,6 +28,7 @@ def test_param_counts_match_the_papers():
         ("digits_cnn", (4, 1, 8, 8)),
         ("vgg16", (2, 3, 32, 32)),
         ("resnet20", (2, 3, 32, 32)),
+        ("vit_tiny", (3, 1, 28, 28)),
     ],
 )
 def test_output_shape(name, shape):
@@ -35,7 +40,8 @@ def test_output_shape(name, shape):
 
 
 def test_registry_holds_every_factory():
-    assert set(models.MODELS) == {"mlp", "lenet5", "vgg16", "resnet20", "digits_cnn"}
+    assert set(models.MODELS) == {"mlp", "lenet5", "vgg16", "resnet20", "digits_cnn",
+                                   "vit_tiny"}
     assert isinstance(models.get("lenet5"), torch.nn.Sequential)
 
 
@@ -49,3 +55,10 @@ def test_unknown_model_name():
 def test_bad_num_classes(name, bad):
     with pytest.raises(ValueError, match=r"^num_classes:"):
         models.get(name, num_classes=bad)
+
+
+def test_vit_tiny_checks_its_geometry():
+    with pytest.raises(ValueError, match=r"^patch: 5 does not divide the image size 28"):
+        models.vit_tiny(patch=5)
+    with pytest.raises(ValueError, match=r"^heads: 3 does not divide dim 64"):
+        models.vit_tiny(heads=3)

@@ -13,7 +13,7 @@ from pyro.nn import PyroModule, PyroSample
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from .guide import MeanFieldNormalGuide, initial_scale
+from .guide import FIXED_SCALE, MeanFieldNormalGuide, initial_scale
 from .layers import BAYESIAN_TYPES, LocalReparameterization, bayesian_class
 from .likelihoods import make_likelihood
 from .priors import Prior, make_prior
@@ -38,12 +38,13 @@ class LayerInfo:
 
 
 def _prior_for(param: str):
-    """A PyroSample prior reading the layer's scale buffer, so it follows ``.to(device)``."""
+    """A PyroSample prior reading the layer's prior buffers, so it follows ``.to(device)``."""
 
     def prior(layer: nn.Module) -> dist.Distribution:
+        loc = getattr(layer, f"{param}_prior_loc")
         scale = getattr(layer, f"{param}_prior_scale")
         shape = layer.pqnet_shapes[param]
-        return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
+        return dist.Normal(loc, scale).expand(shape).to_event(len(shape))
 
     return prior
 
@@ -53,11 +54,12 @@ class BNN(PyroModule):
 
     .. math::
 
-        w \\sim p(w) = \\prod_i \\mathcal N(w_i \\mid 0, s_{\\ell(i)}^2), \\qquad
+        w \\sim p(w) = \\prod_i \\mathcal N(w_i \\mid m_i, s_{\\ell(i)}^2), \\qquad
         y_n \\mid x_n, w \\sim p(y_n \\mid f(x_n; w)), \\qquad
         q(w) = \\prod_i \\mathcal N(w_i \\mid \\mu_i, \\mathrm{softplus}(\\rho_i)^2).
 
-    The data sit in a ``pyro.plate`` of size ``dataset_size``, so a minibatch's
+    The prior means ``m_i`` are 0, or the starting weights for an anchored prior
+    (``prior="pwfn"``). The data sit in a ``pyro.plate`` of size ``dataset_size``, so a minibatch's
     log-likelihood is scaled by ``N / B`` and the ELBO is that of the whole data set.
     Layers that are not Linear/Conv (BatchNorm, LayerNorm, ...) keep point estimates,
     learned as ordinary parameters. Build one with :func:`bayesian`.
@@ -109,6 +111,23 @@ class BNN(PyroModule):
         module_path, _, param = site.removeprefix("net.").rpartition(".")
         return _prior_for(param)(self.net.get_submodule(module_path))
 
+    def fix(self, site: str, mask: torch.Tensor, value: torch.Tensor) -> None:
+        """Fix the weights of ``site`` where ``mask`` to ``value`` (weight fixing, PWFN).
+
+        A fixed weight is a point mass: the guide uses ``value`` with scale
+        :data:`~pqnet.bnn.guide.FIXED_SCALE`, no gradient reaches its parameters, and its
+        prior becomes the same distribution, so its KL term is exactly zero and a fit's KL
+        and ELBO count the free weights alone. Fixing is cumulative: weights fixed before
+        stay fixed (``mask`` must cover them).
+        """
+        self.guide.fix(site, mask, value)
+        module_path, _, param = site.removeprefix("net.").rpartition(".")
+        layer = self.net.get_submodule(module_path)
+        shape = layer.pqnet_shapes[param]
+        for kind, fixed in (("loc", value), ("scale", FIXED_SCALE)):
+            prior = getattr(layer, f"{param}_prior_{kind}").expand(shape)
+            setattr(layer, f"{param}_prior_{kind}", torch.where(mask, fixed, prior).detach())
+
     def kl(self) -> torch.Tensor:
         """``KL(q || p)`` in closed form, summed over all random weights (not scaled)."""
         return sum(
@@ -140,7 +159,9 @@ def bayesian(
         dilation, groups, bias or not); other layers stay point estimates. Its current
         weights (e.g. pretrained) become the guide's initial means. It is not modified.
     prior : ``"fan-in"`` (default, ``N(0, 2 / fan_in)``), ``"normal"`` (``N(0, 1)``),
-        a positive float (``N(0, prior^2)``) or a :mod:`pqnet.bnn.priors` object.
+        ``"pwfn"`` (``N(w_0, 0.05^2)`` around ``module``'s weights ``w_0``: PWFN's
+        sigma regulariser, see :class:`~pqnet.bnn.priors.PWFNPrior`), a positive float
+        (``N(0, prior^2)``) or a :mod:`pqnet.bnn.priors` object.
     likelihood : ``"categorical"`` (outputs are logits) or ``"normal"`` (regression with
         ``noise``, learned as a point estimate when ``learn_noise``).
     init_scale : a positive float (constant initial sigma), ``"relative"``
@@ -180,6 +201,8 @@ def bayesian(
             locs[site] = value
             scales[site] = initial_scale(value, init_scale, init_relative_scale)
             layer.pqnet_shapes[param] = value.shape
+            layer.register_buffer(f"{param}_prior_loc",
+                                  value.clone() if prior.anchored else torch.tensor(0.0))
             layer.register_buffer(f"{param}_prior_scale", torch.tensor(prior.scale_for(fan_in)))
             delattr(layer, param)
             setattr(layer, param, PyroSample(_prior_for(param)))

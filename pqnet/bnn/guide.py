@@ -20,6 +20,8 @@ from torch import nn
 
 PWFN_MIN_SCALE = 2.0**-30
 PWFN_MAX_SCALE = 0.05
+FIXED_SCALE = PWFN_MIN_SCALE
+"""The scale of a fixed weight (:meth:`MeanFieldNormalGuide.fix`): PWFN's lower clamp."""
 
 
 def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
@@ -27,21 +29,23 @@ def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-def pwfn_scale(w: torch.Tensor) -> torch.Tensor:
+def pwfn_scale(w: torch.Tensor, base: float = 0.0025) -> torch.Tensor:
     """PWFN's initial scale (Subia-Waud & Dasmahapatra, NeurIPS 2023, Sec. 3).
 
-    A weight close to a power of two is already representable and gets a small sigma; one
-    between two powers of two gets a larger one. With ``r_i`` the distance of ``|w_i|`` to
-    the nearest power of two relative to ``|w_i|``, and ``q75`` the layer's 75th percentile
-    of ``|w|``:
+    A weight at a power of two is already representable and gets the smallest sigma; one
+    far from both neighbouring powers of two gets a larger one. With
+    ``d_i = |w_i - 2^floor(log2|w_i|)| |w_i - 2^ceil(log2|w_i|)| / w_i^2`` (the product of
+    the relative distances to the two nearest powers of two) and ``q75`` the layer's 75th
+    percentile of ``d``:
 
-    .. math:: \\sigma_i = \\mathrm{clamp}(r_i \\cdot q_{75},\\; 2^{-30},\\; 0.05).
+    .. math:: \\sigma_i = \\mathrm{clamp}(\\mathrm{base} \\cdot d_i / q_{75},\\;
+        2^{-30},\\; 0.05).
     """
-    a = w.detach().abs().clamp_min(PWFN_MIN_SCALE)
-    lower = torch.exp2(torch.floor(torch.log2(a)))
-    relative = torch.minimum(a - lower, 2 * lower - a) / a
-    q75 = torch.quantile(w.detach().abs().flatten().float(), 0.75)
-    return (relative * q75).clamp(PWFN_MIN_SCALE, PWFN_MAX_SCALE)
+    a = w.detach().abs().float().clamp_min(PWFN_MIN_SCALE)
+    below = torch.exp2(torch.floor(torch.log2(a)))
+    distance = (a - below) * (2 * below - a) / a.square()
+    q75 = torch.quantile(distance.flatten(), 0.75).clamp_min(torch.finfo(torch.float32).tiny)
+    return (base * distance / q75).clamp(PWFN_MIN_SCALE, PWFN_MAX_SCALE).to(w.dtype)
 
 
 def initial_scale(w: torch.Tensor, rule: float | str, relative: float = 0.1) -> torch.Tensor:
@@ -88,12 +92,44 @@ class MeanFieldNormalGuide(nn.Module):
         )
         self.kl_weight = 1.0
         self.handler: contextlib.AbstractContextManager = contextlib.nullcontext()
+        self.fixed: set[str] = set()  # sites with fixed weights (buffers fixed_mask/value_*)
+
+    def fix(self, site: str, mask: torch.Tensor, value: torch.Tensor) -> None:
+        """From now on the weights of ``site`` where ``mask`` are ``value``, with scale
+        :data:`FIXED_SCALE`, and their ``loc`` and ``rho`` get no gradient (a ``where``
+        selects the fixed value), so no optimiser can move them. Fixing is cumulative."""
+        key = _key(site)
+        loc = self.loc[key]
+        mask = mask.to(device=loc.device, dtype=torch.bool)
+        if mask.shape != loc.shape:
+            raise ValueError(f"mask: expected shape {tuple(loc.shape)} for {site}, "
+                             f"got {tuple(mask.shape)}")
+        value = torch.as_tensor(value, dtype=loc.dtype, device=loc.device).expand(loc.shape)
+        if site in self.fixed:
+            old = getattr(self, f"fixed_mask_{key}")
+            if bool((old & ~mask).any()):
+                raise ValueError(f"mask: would free weights of {site} that are fixed")
+        self.register_buffer(f"fixed_mask_{key}", mask.clone())
+        self.register_buffer(f"fixed_value_{key}", torch.where(mask, value, 0).detach().clone())
+        self.fixed.add(site)
+
+    def fixed_mask(self, site: str) -> torch.Tensor | None:
+        """The boolean mask of ``site``'s fixed weights, or ``None`` if none is fixed."""
+        return getattr(self, f"fixed_mask_{_key(site)}") if site in self.fixed else None
 
     def loc_of(self, site: str) -> torch.Tensor:
-        return self.loc[_key(site)]
+        loc = self.loc[_key(site)]
+        if site not in self.fixed:
+            return loc
+        key = _key(site)
+        return torch.where(getattr(self, f"fixed_mask_{key}"),
+                           getattr(self, f"fixed_value_{key}"), loc)
 
     def scale_of(self, site: str) -> torch.Tensor:
-        return F.softplus(self.rho[_key(site)])
+        scale = F.softplus(self.rho[_key(site)])
+        if site not in self.fixed:
+            return scale
+        return torch.where(getattr(self, f"fixed_mask_{_key(site)}"), FIXED_SCALE, scale)
 
     def distribution(self, site: str) -> dist.Distribution:
         loc = self.loc_of(site)

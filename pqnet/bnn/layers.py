@@ -18,7 +18,9 @@ pre-activations are correlated across positions; sampling each position independ
 (the "LRT for convolutions" often used) is a different model, and the ELBO gradient it
 gives is biased: a sum over positions loses the covariance terms of the shared kernel.
 Convolutions therefore draw their kernel once per minibatch: exact, and no slower than
-the deterministic layer.
+the deterministic layer. So does a ``Linear`` applied to a sequence (input of more than two
+dimensions, e.g. a transformer's tokens): its tokens share one weight as a conv's positions
+share one kernel.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class _LocalReparamLinear:
         w, b = self.weight, self.bias
         lrt = _active_lrt()
         qw = lrt.normal_of(self._pyro_get_fullname("weight"), w) if lrt else None
-        if qw is None:
+        if qw is None or x.dim() > 2:  # tokens share the weight, as a conv's positions do
             return F.linear(x, w, b)
         b_loc, b_var = b, None
         if b is not None and self.bias_is_random:
