@@ -15,6 +15,13 @@ and the same Adam learning rate for every network that is trained:
   posterior, method, data=train, avg_bits=b, seed=seed)`` at each budget ``b``; k-means at
   each ``k`` (``k=``; its budget is its code width ``ceil(log2 k)``); ``uniform`` at ``b`` is
   ``floor(b)`` bits everywhere;
+- **pwfn** rows follow PWFN's own pipeline (Subia-Waud & Dasmahapatra 2023): a second
+  posterior, ``pqnet.bayesian(trained deterministic net, prior="pwfn", init_scale="pwfn")``
+  fitted for ``pwfn_epochs`` (cosine, ``kl_weight=1``, ``scale_lr=PWFN_SCALE_LR``: its sigmas
+  start as low as ``2^-30`` and must climb to the prior's cap in a few epochs), then
+  ``pqnet.quantize(..., "pwfn", threshold=t, retrain_epochs=pwfn_retrain_epochs)`` for each
+  ``t`` in ``pwfn_thresholds``. PWFN has no bit budget: a row's budget is its ``avg_bits``
+  (``ceil(log2)`` of the values each layer uses); its ``seconds`` include the pre-fit;
 - one **brevitas-qat** row per width ``b``: quantization-aware training with brevitas
   (``QuantConv2d`` / ``QuantLinear``, ``weight_bit_width=b``, brevitas's default per-tensor
   scale, float activations), the float model's layers mirrored one for one, trained like the
@@ -68,6 +75,8 @@ __all__ = ["BREVITAS_BITS", "BUDGETS", "KMEANS_KS", "brevitas_available", "brevi
 BUDGETS: tuple[float, ...] = (1.5, 2.0, 3.0, 4.0)
 KMEANS_KS: tuple[int, ...] = (3, 4, 8, 16)
 BREVITAS_BITS: tuple[int, ...] = (2, 3, 4)
+PWFN_THRESHOLDS: tuple[float, ...] = (1.0, 1.25)
+PWFN_SCALE_LR = 0.1
 METRICS = ("accuracy", "nll", "ece")
 
 
@@ -223,7 +232,11 @@ def _row(method: str, budget: float, qnet: QuantizedNet, scores: dict, seconds: 
 
 
 def _label(row: dict) -> str:
-    return f"kmeans k={row['k']}" if row["method"] == "kmeans" else row["method"]
+    if row["method"] == "kmeans":
+        return f"kmeans k={row['k']}"
+    if row["method"] == "pwfn":
+        return f"pwfn t={row['threshold']:g}"
+    return row["method"]
 
 
 def print_results(results: dict, log: Callable[[str], None] = print) -> None:
@@ -246,34 +259,42 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
                    methods: Sequence[str], budgets: Sequence[float], kmeans_ks: Sequence[int],
                    folder: Path, seed: int = 0, keep: bool = False,
                    skipped: list[str] | None = None, log: Callable[[str], None] = print,
+                   pwfn_thresholds: Sequence[float] = (1.0,), pwfn_options: dict | None = None,
                    **options) -> list[dict]:
-    """Quantize ``posterior`` with each of ``methods`` at each budget (k-means at each ``k``),
-    save each result in ``folder``, load it back, and score the loaded copy on ``test``: one
-    row per run. A run that raises ``ValueError`` / ``RuntimeError`` is noted in ``skipped``.
-    ``options`` (e.g. ``finetune_epochs``) go to every :func:`pqnet.quantize` call."""
+    """Quantize ``posterior`` with each of ``methods`` at each budget (k-means at each ``k``,
+    PWFN at each threshold in ``pwfn_thresholds`` with ``pwfn_options``), save each result in
+    ``folder``, load it back, and score the loaded copy on ``test``: one row per run. A run
+    that raises ``ValueError`` / ``RuntimeError`` is noted in ``skipped``. ``options`` (e.g.
+    ``finetune_epochs``) go to every :func:`pqnet.quantize` call but PWFN's, which retrains
+    in its own rounds."""
     skipped = [] if skipped is None else skipped
-    runs = []  # (method, budget keywords, budget, file stem)
+    runs = []  # (method, quantize keywords, budget (None: the result's avg_bits), file stem)
     for m in methods:
         if m == "kmeans":
-            runs += [(m, {"k": k}, max(1, math.ceil(math.log2(k))), f"kmeans_k{k}")
+            runs += [(m, {"k": k, **options}, max(1, math.ceil(math.log2(k))), f"kmeans_k{k}")
                      for k in kmeans_ks]
+        elif m == "pwfn":
+            runs += [(m, {"threshold": t, **(pwfn_options or {})}, None, f"pwfn_t{t:g}")
+                     for t in pwfn_thresholds]
         else:
-            runs += [(m, {"avg_bits": b}, b, f"{m}_b{b:g}") for b in budgets]
+            runs += [(m, {"avg_bits": b, **options}, b, f"{m}_b{b:g}") for b in budgets]
     rows = []
-    for method, budget_kw, budget, stem in runs:
+    for method, keywords, budget, stem in runs:
         start = time.perf_counter()
         try:
-            qnet = quantize(posterior, method, data=train, seed=seed, **budget_kw, **options)
+            qnet = quantize(posterior, method, data=train, seed=seed, **keywords)
         except (ValueError, RuntimeError) as err:
-            skipped.append(f"{method} at {budget_kw}: {type(err).__name__}: {err}")
+            skipped.append(f"{method} at {keywords}: {type(err).__name__}: {err}")
             log(f"skipped: {skipped[-1]}")
             continue
         seconds = time.perf_counter() - start
         file = folder / f"{stem}.pt"
         scores, loaded = _measure(qnet, file, test)
         info = {"file": file.name} if keep else {}
-        if method == "kmeans":
-            info["k"] = budget_kw["k"]
+        if method in ("kmeans", "pwfn"):
+            key = "k" if method == "kmeans" else "threshold"
+            info[key] = keywords[key]
+        budget = loaded.avg_bits if budget is None else budget
         rows.append(_row(method, budget, loaded, scores, seconds, **info))
         log(f"{stem}: {loaded.avg_bits:.3f} bits, accuracy {scores['accuracy']:.4f}, "
             f"{seconds:.1f} s")
@@ -289,7 +310,9 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                   budgets: Sequence[float] = BUDGETS,
                   kmeans_ks: Sequence[int] = KMEANS_KS,
                   brevitas_bits: Sequence[int] = BREVITAS_BITS,
-                  finetune_epochs: int = 0,
+                  finetune_epochs: int = 0, pwfn_epochs: int = 3,
+                  pwfn_thresholds: Sequence[float] = PWFN_THRESHOLDS,
+                  pwfn_retrain_epochs: int = 2,
                   json_path: str | Path | None = None, plot_path: str | Path | None = None,
                   save_dir: str | Path | None = None, progress: bool = False,
                   log: Callable[[str], None] = print) -> dict:
@@ -304,7 +327,9 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     :data:`~pqnet.quantize.METHODS`) run at ``budgets`` (average bits), except ``kmeans``,
     which runs at ``kmeans_ks``; ``brevitas_bits`` are the QAT widths (skipped, with a note,
     when brevitas does not import). ``finetune_epochs > 0`` is passed on to
-    :func:`pqnet.quantize`. The result (schema below) is written atomically to
+    :func:`pqnet.quantize`. ``pwfn_epochs``, ``pwfn_thresholds`` and
+    ``pwfn_retrain_epochs`` set up the PWFN rows (see the module docstring). The result
+    (schema below) is written atomically to
     ``json_path`` and plotted by :func:`pqnet.diagnostics.plots.pareto_plot` to
     ``plot_path`` when given; the quantized files go to ``save_dir`` (kept, and named in each
     row's ``file``) or to a temporary folder.
@@ -329,6 +354,10 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                         ("batch_size", batch_size)):
         _check_numbers([value], name, 1, math.inf, integer=True)
     _check_numbers([finetune_epochs], "finetune_epochs", 0, math.inf, integer=True)
+    _check_numbers([pwfn_epochs], "pwfn_epochs", 1, math.inf, integer=True)
+    _check_numbers([pwfn_retrain_epochs], "pwfn_retrain_epochs", 0, math.inf, integer=True)
+    pwfn_thresholds = [float(t) for t in _check_numbers(pwfn_thresholds, "pwfn_thresholds",
+                                                        1e-3, 1e3)]
     if bnn_init not in ("scratch", "deterministic"):
         raise ValueError(f"bnn_init: expected 'scratch' or 'deterministic', got {bnn_init!r}")
     bnn_epochs = epochs if bnn_epochs is None else bnn_epochs
@@ -373,9 +402,31 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     with tempfile.TemporaryDirectory(prefix="pqnet-bench-") as tmp:
         folder = Path(save_dir) if save_dir is not None else Path(tmp)
         keep = save_dir is not None
-        rows = quantized_rows(posterior, train, test, methods=methods, budgets=budgets,
+        rows = quantized_rows(posterior, train, test,
+                              methods=[m for m in methods if m != "pwfn"], budgets=budgets,
                               kmeans_ks=kmeans_ks, seed=seed, folder=folder, keep=keep,
                               skipped=skipped, log=log, **extra)
+        if "pwfn" in methods:  # PWFN's own pipeline: its prior, from the trained net
+            start = time.perf_counter()
+            pwfn_posterior = fit(bayesian(net, prior="pwfn", init_scale="pwfn"), train,
+                                 epochs=pwfn_epochs, batch_size=batch_size, lr=lr,
+                                 scale_lr=PWFN_SCALE_LR, lr_schedule="cosine", seed=seed,
+                                 progress=progress)
+            prefit = time.perf_counter() - start
+            log(f"PWFN posterior fitted: {pwfn_epochs} epochs in {prefit:.1f} s")
+            pwfn_rows = quantized_rows(
+                pwfn_posterior, train, test, methods=["pwfn"], budgets=[], kmeans_ks=[],
+                seed=seed, folder=folder, keep=keep, skipped=skipped, log=log,
+                pwfn_thresholds=pwfn_thresholds,
+                pwfn_options={"retrain_epochs": pwfn_retrain_epochs, "lr": lr,
+                              "batch_size": batch_size})
+            for row in pwfn_rows:
+                row["seconds"] += prefit
+            rows += pwfn_rows
+            results["pwfn_float_mean"] = _scores(evaluate(pwfn_posterior.mean_module(), test))
+            results["config"].update(pwfn_epochs=pwfn_epochs, pwfn_thresholds=pwfn_thresholds,
+                                     pwfn_retrain_epochs=pwfn_retrain_epochs,
+                                     pwfn_scale_lr=PWFN_SCALE_LR)
 
         # brevitas quantization-aware training
         why = brevitas_available() if brevitas_bits else None

@@ -25,13 +25,14 @@ def has_brevitas() -> bool:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """One small run: 2 epochs, three fast methods at two budgets, k-means at k=4,
-    brevitas QAT at 2 bits (when brevitas imports); the quantized files are kept."""
+    """One small run: 2 epochs, three fast methods at two budgets, k-means at k=4, PWFN at
+    one threshold, brevitas QAT at 2 bits (when brevitas imports); the quantized files are kept."""
     folder = tmp_path_factory.mktemp("bench")
     results = run_benchmark(
         "digits_cnn", "digits", epochs=2, lr=1e-2, seed=0, num_samples=4,
-        methods=["uniform", "kmeans", "quantile-inform"], budgets=[1.5, 3], kmeans_ks=[4],
-        brevitas_bits=[2], json_path=folder / "out.json", plot_path=folder / "out.png",
+        methods=["uniform", "kmeans", "quantile-inform", "pwfn"], budgets=[1.5, 3],
+        kmeans_ks=[4], brevitas_bits=[2], pwfn_epochs=1, pwfn_thresholds=[1.0],
+        pwfn_retrain_epochs=1, json_path=folder / "out.json", plot_path=folder / "out.png",
         save_dir=folder / "q", log=lambda _: None)
     return results, folder
 
@@ -52,6 +53,10 @@ def test_json_schema(bench):
     rows = written["rows"]
     expected = [("uniform", 1.5), ("uniform", 3.0), ("kmeans", 2.0),
                 ("quantile-inform", 1.5), ("quantile-inform", 3.0)]
+    pwfn = rows[len(expected)]  # no bit budget: its budget is the bits it took
+    expected.append(("pwfn", pwfn["avg_bits"]))
+    assert pwfn["threshold"] == 1.0 and pwfn["unique_values"] <= 431  # order-4 centres
+    assert set(written["pwfn_float_mean"]) == METRIC_KEYS
     if has_brevitas():
         expected.append(("brevitas-qat", 2.0))
     assert [(r["method"], r["budget"]) for r in rows] == expected

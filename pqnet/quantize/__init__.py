@@ -16,6 +16,10 @@ method                    rule                                            budget
                           needs (ICLR 2025 submission)
 ``random-bits``           per-layer width: a random variable fitted by    ``avg_bits`` + data
                           SVI on the quantized likelihood (same source)
+``pwfn``                  rounds of fixing weights to power-of-two        ``schedule``,
+                          centres by distance in posterior sds,           ``max_order`` + data
+                          retraining between rounds (Subia-Waud &         (no bit budget: it
+                          Dasmahapatra 2023)                              counts values)
 ========================= =============================================== ====================
 
 Note that ``pqnet.quantize`` is the function :func:`quantize`; import the rest from this
@@ -34,6 +38,7 @@ from .bayesian_compression import bayesian_compression
 from .budget import check_int, check_nonnegative
 from .finetune import finetune
 from .kmeans import kmeans
+from .pwfn import pwfn
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 from .quantile_inform import quantile_inform
 from .random_bits import random_bits
@@ -41,7 +46,7 @@ from .sigma_bits import sigma_bits
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression", "budget_keywords",
-           "finetune", "kmeans", "quantile_inform", "quantize", "random_bits", "sigma_bits",
+           "finetune", "kmeans", "pwfn", "quantile_inform", "quantize", "random_bits", "sigma_bits",
            "uniform", "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
@@ -53,6 +58,7 @@ METHODS: dict[str, Quantizer] = {
     "sigma-bits": sigma_bits,
     "quantile-inform": quantile_inform,
     "random-bits": random_bits,
+    "pwfn": pwfn,
 }
 
 

@@ -1,0 +1,255 @@
+"""Probabilistic Weight Fixing: centres, the greedy assignment, rounds, resume, bad input."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import pqnet
+from pqnet.bnn import LayerInfo
+from pqnet.quantize import QuantizedNet
+from pqnet.quantize.pwfn import SCHEDULE, WeightFixer, centres
+
+
+def posterior_of(means: dict[str, torch.Tensor], sigma: float, module: nn.Module
+                 ) -> pqnet.Posterior:
+    layers = {name.removesuffix(".weight"): LayerInfo(name.removesuffix(".weight"), "Linear",
+                                                      tuple(m.shape), m.shape[1], False)
+              for name, m in means.items()}
+    scale = {name: torch.full(m.shape, sigma) for name, m in means.items()}
+    return pqnet.Posterior(means, scale, layers, module)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A small MLP's posterior on scikit-learn digits, fitted under PWFN's prior."""
+    train, test = pqnet.data.load("digits")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    bnn = pqnet.bayesian(net, prior="pwfn", init_scale="pwfn")
+    posterior = pqnet.fit(bnn, train, epochs=4, lr=1e-2, scale_lr=0.1, seed=0, progress=False)
+    return posterior, train, test
+
+
+# --------------------------------------------------------------------------- centres
+
+
+def test_centres_are_zero_and_signed_sums_of_distinct_powers_of_two():
+    assert centres(1).tolist() == sorted([0.0] + [s * 2.0**e for s in (-1, 1)
+                                                  for e in range(-7, 1)])
+    # exponents -7 and -6 only: order 2 adds 1/64 + 1/128 = 3/128 (1/64 - 1/128 is 1/128)
+    small = [k / 128 for k in (-2, -1, 0, 1, 2)]
+    assert centres(1, largest_exponent=-6).tolist() == small
+    assert centres(2, largest_exponent=-6).tolist() == [k / 128 for k in range(-3, 4)]
+    assert centres(2, largest_exponent=-5).tolist() == sorted(
+        {0.0} | {s * k / 128 for s in (-1, 1) for k in (1, 2, 4, 3, 5, 6)})
+    for order in (1, 2, 3, 4):
+        c = centres(order)
+        assert torch.equal(c, c.unique()) and bool((c * 128 == (c * 128).round()).all())
+        assert set(centres(order - 1).tolist()) < set(c.tolist()) if order > 1 else True
+    # with 8 exponents every multiple of 2^-7 below 2 needs at most... more than 4 terms
+    assert len(centres(4)) < 2 * 255 + 1
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def test_the_centre_reaching_most_weights_takes_them_closest_first():
+    mu = torch.tensor([0.10, 0.11, 0.12, 0.5, 0.13])
+    sigma = torch.full((5,), 0.02)
+    fixer = WeightFixer()
+    index, value = fixer.fix(mu, sigma, 2)
+    # 0.125 reaches 0.11, 0.12, 0.13 (within 0.02); 0.12 and 0.13 are closest
+    assert sorted(index.tolist()) == [2, 4] and value.tolist() == [0.125, 0.125]
+    assert fixer.order == 1
+    index, value = fixer.fix(mu, sigma, 5)
+    # no power of two lies within 0.02 of 0.10: order 2 brings 3/32 = 1/16 + 1/32
+    assert dict(zip(index.tolist(), value.tolist(), strict=True)) == {
+        1: 0.125, 2: 0.125, 4: 0.125, 3: 0.5, 0: 0.09375}
+    assert fixer.order == 2
+
+
+def test_order_rises_then_threshold_widens_when_nothing_is_within_reach():
+    fixer = WeightFixer(max_order=2, threshold=1.0, widen=2.0)
+    index, value = fixer.fix(torch.tensor([0.375]), torch.tensor([1e-4]), 1)
+    assert value.tolist() == [0.375] and fixer.order == 2 and fixer.threshold == 1.0
+    # 0.3 is 0.0125 from 0.3125 = 1/4 + 1/16: 125 sds at sigma 1e-4, so 7 doublings
+    index, value = fixer.fix(torch.tensor([0.3]), torch.tensor([1e-4]), 1)
+    assert value.tolist() == [0.3125] and fixer.threshold == 128.0
+
+
+def test_no_weight_is_fixed_farther_than_the_threshold():
+    gen = torch.Generator().manual_seed(0)
+    mu = 0.1 * torch.randn(20_000, generator=gen)
+    sigma = 10 ** (-4 + 2.5 * torch.rand(20_000, generator=gen))
+    fixer = WeightFixer()
+    free = torch.arange(len(mu))
+    for fraction in SCHEDULE:
+        count = math.ceil(fraction * len(mu) - 1e-9) - (len(mu) - len(free))
+        index, value = fixer.fix(mu[free], sigma[free], count)
+        assert len(index) == count == len(index.unique())
+        distance = (mu[free][index] - value).abs() / sigma[free][index]
+        assert float(distance.max()) <= fixer.threshold * (1 + 1e-6)
+        keep = torch.ones(len(free), dtype=torch.bool)
+        keep[index] = False
+        free = free[keep]
+    assert len(free) == 0 and fixer.order == 4
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def test_unique_values_and_accounting_by_hand():
+    means = {"0.weight": torch.tensor([[0.25, -0.5, 0.25], [0.0, 0.25, 0.1249]]),
+             "1.weight": torch.tensor([[0.0, 0.0]])}
+    module = nn.Sequential(nn.Linear(3, 2, bias=False), nn.Linear(2, 1, bias=False))
+    qnet = pqnet.quantize(posterior_of(means, 1e-3, module), "pwfn", schedule=[1.0],
+                          retrain_epochs=0)
+    # values: 0.25 x3, 0.125 x1, -0.5 x1, 0 x3 (two in the second layer)
+    assert qnet.unique_values == 4
+    p = torch.tensor([3, 1, 1, 3]) / 8
+    assert qnet.entropy_bits == pytest.approx(float(-(p * p.log2()).sum()))
+    assert qnet.weights()["0.weight"].tolist() == [[0.25, -0.5, 0.25], [0.0, 0.25, 0.125]]
+    # 4 values in the first layer (2 bits), one in the second (1 bit, the minimum)
+    assert qnet.layer_bits == {"0": 2.0, "1": 1.0}
+    assert qnet.avg_bits == (6 * 2 + 2 * 1) / 8
+    assert qnet.sizes["codebooks"] == 4 * (4 + 1) and qnet.sizes["float32"] == 0
+
+
+def test_rounds_follow_the_schedule_and_end_in_codebook_values(digits, tmp_path):
+    posterior, train, test = digits
+    qnet = pqnet.quantize(posterior, "pwfn", data=train, retrain_epochs=1, lr=1e-2)
+    total = posterior.num_weights - sum(v.numel() for k, v in posterior.loc.items()
+                                        if k.endswith("bias"))
+    rounds = qnet.config["rounds"]
+    assert [r["fixed"] for r in rounds] == [math.ceil(f * total - 1e-9) / total
+                                            for f in SCHEDULE]
+    allowed = set(centres(4).tolist())
+    for path, layer in qnet.layers.items():
+        w = qnet.weights()[f"{path}.weight"]
+        assert set(w.unique().tolist()) <= allowed
+        assert set(w.unique().tolist()) == set(layer.codebooks[layer.widths[0]][0].tolist())
+    assert qnet.unique_values == len(torch.cat([w.flatten() for w in qnet.weights().values()])
+                                     .unique())
+    loaded = QuantizedNet.load(qnet.save(tmp_path / "pwfn.pt"))
+    accuracy = pqnet.evaluate(loaded.to_module(), test)["accuracy"]
+    assert accuracy > 0.85 and qnet.unique_values <= 64, (accuracy, qnet.unique_values)
+
+
+def test_fixed_weights_do_not_move_while_the_rest_retrain(digits):
+    posterior, train, _ = digits
+    bnn = pqnet.bayesian(posterior.mean_module(), prior="pwfn")
+    mask = torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+    value = torch.where(torch.rand(32, 64) < 0.5, 0.125, -0.0625)
+    bnn.fix("net.1.weight", mask, value)
+    before = bnn.guide.loc_of("net.1.weight").detach().clone()
+    after = pqnet.fit(bnn, train, epochs=1, lr=1e-2, seed=0, progress=False)
+    assert torch.equal(after.loc["1.weight"][mask], value[mask])
+    assert float(after.scale["1.weight"][mask].max()) == 2.0**-30
+    assert float((after.loc["1.weight"][~mask] != before[~mask]).float().mean()) > 0.5
+
+
+def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(digits, tmp_path):
+    """A run killed (SIGKILL) at the start of round 4's retraining resumes from the
+    checkpoint of round 3 and ends bit-identical to a run that was never stopped."""
+    posterior, train, _ = digits
+    train = torch.utils.data.TensorDataset(*(t[:300] for t in train.tensors))
+    posterior.save(tmp_path / "posterior.pt")
+    torch.save(train.tensors, tmp_path / "train.pt")
+    script = textwrap.dedent(f"""
+        import os, signal, torch, pqnet
+        from torch.utils.data import Dataset
+
+        class KilledInRound4(Dataset):  # SIGKILLs its own process once round 3 is saved
+            saved = None
+            def __len__(self): return len(x)
+            def __getitem__(self, i):
+                if os.path.exists(CKPT) and os.stat(CKPT).st_mtime_ns != self.saved:
+                    self.saved = os.stat(CKPT).st_mtime_ns
+                    if len(torch.load(CKPT, weights_only=False)["rounds"]) == 3:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return x[i], y[i]
+
+        CKPT = "{tmp_path}/ckpt/pwfn.pt"
+        x, y = torch.load("{tmp_path}/train.pt")
+        posterior = pqnet.Posterior.load("{tmp_path}/posterior.pt")
+        pqnet.quantize(posterior, "pwfn", data=KilledInRound4(),
+                       retrain_epochs=1, lr=1e-2, checkpoint_dir="{tmp_path}/ckpt")
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert child.returncode == -9, child.stderr
+    state = torch.load(tmp_path / "ckpt" / "pwfn.pt", weights_only=False)
+    assert len(state["rounds"]) == 3  # rounds 1-3 done: at most one round of work lost
+
+    class Plain(torch.utils.data.Dataset):  # the same data through the same loader
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            return train[i]
+
+    options = dict(data=Plain(), retrain_epochs=1, lr=1e-2)
+    resumed = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "ckpt", resume=True,
+                             **options)
+    fresh = pqnet.quantize(posterior, "pwfn", **options)
+    for name, w in fresh.weights().items():
+        assert torch.equal(resumed.weights()[name], w)
+    for name, value in fresh.to_module().state_dict().items():
+        assert torch.equal(resumed.to_module().state_dict()[name], value)
+    assert [r["fixed"] for r in resumed.config["rounds"]] == \
+        [r["fixed"] for r in fresh.config["rounds"]]
+    with pytest.raises(ValueError, match="resume: .* other options"):
+        pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "ckpt", resume=True,
+                       **{**options, "threshold": 2.0})
+
+
+def test_vit_tiny_weights_are_fixed_too():
+    """Attention, MLP and patch-embedding weights are all Linear: PWFN fixes every one."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vit = pqnet.models.vit_tiny(depth=1)
+    posterior = pqnet.fit(pqnet.bayesian(vit, prior="pwfn", init_scale="pwfn"),
+                          torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28),
+                                                         torch.randint(0, 10, (32,))),
+                          epochs=1, seed=0, progress=False)
+    qnet = pqnet.quantize(posterior, "pwfn", retrain_epochs=0)
+    assert set(qnet.layers) == {"embed", "blocks.0.attn.qkv", "blocks.0.attn.proj",
+                                "blocks.0.mlp.0", "blocks.0.mlp.2", "head"}
+    assert qnet.config["rounds"][-1]["fixed"] == 1.0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("options, argument", [
+    ({"schedule": [0.5, 0.4, 1.0]}, "schedule: fractions must increase"),
+    ({"schedule": [0.2, 0.9]}, "schedule: must end at 1"),
+    ({"schedule": []}, "schedule: expected a non-empty"),
+    ({"schedule": [0.0, 1.0]}, r"schedule: every fraction must lie in \(0, 1\]"),
+    ({"max_order": 0}, "max_order"),
+    ({"max_order": 5}, "max_order"),
+    ({"threshold": 0.0}, "threshold"),
+    ({"widen": 1.0}, "widen"),
+    ({"zero_below": -1.0}, "zero_below"),
+    ({"retrain_epochs": 1}, "data: PWFN retrains"),
+    ({"avg_bits": 2.0}, "avg_bits: not a keyword of method 'pwfn'"),
+])
+def test_bad_options_name_the_argument(options, argument):
+    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
+    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    options = {"retrain_epochs": 0, **options}
+    with pytest.raises(ValueError, match=f"^{argument}"):
+        pqnet.quantize(posterior, "pwfn", **options)
+
+
+def test_non_positive_scales_are_refused():
+    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
+    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    posterior.scale["0.weight"][0, 1] = 0.0
+    with pytest.raises(ValueError, match=r"^posterior: the scales of 0.weight must be positive"):
+        pqnet.quantize(posterior, "pwfn", retrain_epochs=0)
