@@ -25,7 +25,7 @@ from . import models
 from ._io import save_json
 from .bnn import bayesian
 from .diagnostics.table import format_table
-from .inference import Posterior, evaluate, fit
+from .inference import Posterior, evaluate, fit, init_distributed
 
 
 def _add_fit_options(parser: argparse.ArgumentParser, epochs: int, lr: float,
@@ -33,6 +33,8 @@ def _add_fit_options(parser: argparse.ArgumentParser, epochs: int, lr: float,
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--scale-lr", type=float,
+                        help="learning rate of the posterior scales (default: 10 x --lr)")
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=lr_schedule)
     parser.add_argument("--kl-weight", type=float, default=kl_weight,
                         help="beta of the ELBO's KL term (1: the true posterior)")
@@ -43,8 +45,18 @@ def _add_fit_options(parser: argparse.ArgumentParser, epochs: int, lr: float,
     parser.add_argument("--num-samples", type=int, default=32,
                         help="posterior draws for the predictive metrics")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="'cpu' or 'cuda' (under torchrun: GPU LOCAL_RANK of each process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        help="write the fit's state here at the end of every epoch")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoint in --checkpoint-dir, if there is one")
+    parser.add_argument("--retry-lr-factor", type=float,
+                        help="on a NaN/inf ELBO or gradient, redo the epoch from its start "
+                        "with the learning rates times this factor (in (0, 1))")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="retries at lower learning rates before giving up (default 3)")
 
 
 def _number_or_name(value: str) -> float | str:
@@ -55,31 +67,54 @@ def _number_or_name(value: str) -> float | str:
 
 
 def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
-            args: argparse.Namespace) -> tuple[Posterior, dict]:
+            args: argparse.Namespace) -> tuple[Posterior, dict | None]:
     """Fit ``model`` on ``data`` as the options in ``args`` say, evaluate the posterior
     predictive and the mean network on the test split, and write ``posterior.pt`` and
-    ``metrics.json`` to ``out`` (when given)."""
-    train, test = datasets.load(data, root=data_dir)
-    print(train.note)
-    torch.manual_seed(args.seed)  # the initial weights: the same seed, the same run
-    module = models.for_data(model, train.input_shape, train.num_classes)
-    bnn = bayesian(module, prior=_number_or_name(args.prior),
-                   init_scale=_number_or_name(args.init_scale))
-    posterior = fit(bnn, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                    kl_weight=args.kl_weight, warmup_epochs=args.warmup_epochs,
-                    lr_schedule=args.lr_schedule, seed=args.seed, device=args.device,
-                    progress=args.progress)
+    ``metrics.json`` to ``out`` (when given).
+
+    Under ``torchrun`` every process trains its shard of each batch (see
+    :func:`pqnet.inference.fit`) and process 0 alone evaluates, prints and writes; the
+    others return ``(posterior, None)``.
+    """
+    rank, world_size, device = init_distributed(args.device)
+    try:
+        train, test = datasets.load(data, root=data_dir)
+        if rank == 0:
+            print(train.note)
+        torch.manual_seed(args.seed)  # the initial weights: the same seed, the same run
+        module = models.for_data(model, train.input_shape, train.num_classes)
+        bnn = bayesian(module, prior=_number_or_name(args.prior),
+                       init_scale=_number_or_name(args.init_scale))
+        posterior = fit(bnn, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        scale_lr=args.scale_lr, kl_weight=args.kl_weight,
+                        warmup_epochs=args.warmup_epochs, lr_schedule=args.lr_schedule,
+                        seed=args.seed, device=device,
+                        progress=args.progress, checkpoint_dir=args.checkpoint_dir,
+                        resume=args.resume, retry_lr_factor=args.retry_lr_factor,
+                        max_retries=args.max_retries)
+    finally:
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
+    if rank != 0:
+        return posterior, None
+    for epoch in posterior.config["resumed_from_epochs"]:
+        print(f"resumed from the checkpoint of epoch {epoch} in {args.checkpoint_dir}")
+    for retry in posterior.config["retries"]:
+        print(f"diverged at epoch {retry['epoch']}, step {retry['step']}: retried the epoch "
+              f"at lr={retry['lr']:.3g}")
     metrics = {
-        "bnn": evaluate(posterior, test, num_samples=args.num_samples, seed=args.seed),
-        "mean": evaluate(posterior.mean_module(), test),
+        "bnn": evaluate(posterior, test, num_samples=args.num_samples, seed=args.seed,
+                        device=device),
+        "mean": evaluate(posterior.mean_module(), test, device=device),
     }
+    posterior.module.cpu()  # evaluate() moved it to the device
     result = {"model": model, "data": data, "data_note": train.note,
               "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
               "num_weights": posterior.num_weights, "config": posterior.config,
               "history": posterior.history, "test": metrics}
     if out is not None:
         posterior.save(out / "posterior.pt")
-        save_json(result, out / "metrics.json")
+        save_json(result, out / "metrics.json", *METRICS_FORMAT)
     rows = [{"network": f"BNN ({args.num_samples} draws)", **metrics["bnn"]},
             {"network": "posterior mean", **metrics["mean"]}]
     print(format_table(rows, ["network", "accuracy", "nll", "ece", "entropy",
@@ -91,6 +126,8 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
 
 
 DEMO_BUDGETS = (1.5, 2.0, 3.0, 4.0)
+METRICS_FORMAT = ("pqnet.run-metrics", 1)  # the format and version fields of metrics.json
+DEMO_FORMAT = ("pqnet.demo-results", 1)  # ... and of the demo's quantize.json
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -98,6 +135,8 @@ def _demo(args: argparse.Namespace) -> None:
     from .quantize import METHODS
 
     posterior, result = fit_run("digits_cnn", "digits", None, args.out, args)
+    if result is None:  # a process other than the first under torchrun
+        return
     if args.kl_weight != 1:
         print(f"(a tempered posterior: the KL term weighs {args.kl_weight:g}; "
               "--kl-weight 1 fits the true one)")
@@ -110,7 +149,7 @@ def _demo(args: argparse.Namespace) -> None:
                         for r in rows],
                        ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
                         "unique_values", "size_bytes"]))
-    save_json({**result, "rows": rows}, args.out / "quantize.json")
+    save_json({**result, "rows": rows}, args.out / "quantize.json", *DEMO_FORMAT)
     print(f"each row scored on its saved and reloaded copy in {args.out}/quantized/; "
           f"table in {args.out}/quantize.json")
 
@@ -126,7 +165,9 @@ def _bench(args: argparse.Namespace) -> None:
                   batch_size=args.batch_size, lr=args.lr, kl_weight=args.kl_weight,
                   bnn_init=args.bnn_init, bnn_epochs=args.bnn_epochs,
                   lr_schedule=args.lr_schedule, num_samples=args.num_samples,
-                  finetune_epochs=args.finetune_epochs,
+                  finetune_epochs=args.finetune_epochs, methods=args.methods,
+                  pwfn_epochs=args.pwfn_epochs, pwfn_thresholds=args.pwfn_thresholds,
+                  pwfn_retrain_epochs=args.pwfn_retrain_epochs,
                   json_path=args.json, plot_path=args.plot, save_dir=args.save_dir,
                   progress=args.progress)
 
@@ -138,6 +179,58 @@ def _report(args: argparse.Namespace) -> None:
                         seed=args.seed, data_dir=args.data_dir, ood=args.ood_data,
                         ood_dir=args.ood_data_dir)
     print(f"wrote {path.parent}/: report.md, idata.nc and figures")
+
+
+def _search(args: argparse.Namespace) -> None:
+    import json
+
+    from .quantize import QuantizedNet
+    from .search import random_search, search, split_validation
+
+    posterior = Posterior.load(args.posterior)
+    data, data_dir = args.data, args.data_dir
+    metrics = args.posterior.parent / "metrics.json"
+    if data is None and metrics.is_file():  # the run folder of `pqnet fit` names its data
+        saved = json.loads(metrics.read_text())
+        data, data_dir = saved.get("data"), data_dir or saved.get("data_dir")
+    if data is None:
+        raise ValueError(f"data: give --data; no metrics.json beside {args.posterior} names it")
+    try:
+        fidelities = [int(e) for e in args.fidelities.split(",")]
+    except ValueError:
+        raise ValueError(f"fidelities: expected comma-separated integer epochs, got "
+                         f"{args.fidelities!r}") from None
+    train, test = datasets.load(data, root=data_dir)
+    val_size = args.val_size if args.val_size is not None else min(1000, len(train) // 5)
+    train, val = split_validation(train, val_size, seed=args.seed)
+    out = args.out if args.out is not None else args.posterior.parent / "search"
+    log = print if args.progress else None
+    common = {"avg_bits": args.avg_bits, "space": args.space, "degree": args.degree,
+              "objective": args.objective, "cost_per_bit": args.cost_per_bit,
+              "overhead_epochs": args.overhead_epochs, "seed": args.seed,
+              "resume": args.resume, "log": log}
+    result = search(posterior, train, val, fidelities=fidelities,
+                    budget_epochs=args.budget_epochs, trace_path=out / "trace.json", **common)
+    results = {"gp": result}
+    if args.random_budget is not None:
+        results["random"] = random_search(posterior, train, val, fidelity=fidelities[-1],
+                                          budget_epochs=args.random_budget,
+                                          trace_path=out / "random_trace.json", **common)
+    result.plot(out / "search.png", others={k: r for k, r in results.items() if k != "gp"})
+    rows = []
+    for name, found in results.items():
+        found.qnet.save(out / f"{name}_qnet.pt")
+        loaded = QuantizedNet.load(out / f"{name}_qnet.pt")  # scored as it was written
+        rows.append({"search": name, "bits": " ".join(map(str, found.best["bits"])),
+                     "avg_bits": loaded.avg_bits, "val": found.best["accuracy"],
+                     "objective": found.best_value,
+                     "test": evaluate(loaded.to_module(), test)["accuracy"],
+                     "epochs": found.cost, "evaluations": len(found.evaluations)})
+    print(val.note)
+    print(format_table(rows, ["search", "bits", "avg_bits", "val", "objective", "test",
+                              "epochs", "evaluations"]))
+    print(f"layers: {', '.join(result.best_bits)}; wrote {out}/: trace.json, search.png, "
+          f"{', '.join(f'{k}_qnet.pt' for k in results)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     bench.add_argument("--finetune-epochs", type=int, default=0,
                        help="fine-tune each quantized net's means for this many epochs")
+    bench.add_argument("--methods", nargs="+", help="quantizers to run (default: all)")
+    bench.add_argument("--pwfn-epochs", type=int, default=3,
+                       help="epochs of the PWFN posterior's fit before its rounds")
+    bench.add_argument("--pwfn-thresholds", type=float, nargs="+", default=[1.0, 1.25],
+                       help="PWFN distance thresholds, in posterior sds: one row each")
+    bench.add_argument("--pwfn-retrain-epochs", type=int, default=2,
+                       help="PWFN retraining epochs between rounds")
     bench.add_argument("--num-samples", type=int, default=32,
                        help="posterior draws for the BNN's predictive metrics")
     bench.add_argument("--seed", type=int, default=0)
@@ -198,6 +298,41 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--ood-data-dir", help="folder of the OOD data set")
     report.add_argument("--seed", type=int, default=0)
     report.set_defaults(run=_report)
+
+    search_cmd = commands.add_parser("search", help="search per-layer bit-widths by multi-"
+                                     "fidelity Bayesian optimisation (pqnet.search)")
+    search_cmd.add_argument("--posterior", type=Path, required=True,
+                            help="a posterior.pt written by `pqnet fit`")
+    search_cmd.add_argument("--data", help="data set (default: from the run's metrics.json)")
+    search_cmd.add_argument("--data-dir", help="folder of the dataset's files")
+    search_cmd.add_argument("--avg-bits", type=float, required=True,
+                            help="the average-bits budget (the reference of 'effective')")
+    search_cmd.add_argument("--fidelities", default="0,1,2,4",
+                            help="fine-tuning epochs of the GP's tasks, comma-separated, "
+                            "increasing; the last is the top fidelity")
+    search_cmd.add_argument("--budget-epochs", type=float, default=40.0,
+                            help="cost budget of the search, in epochs")
+    search_cmd.add_argument("--space", choices=["layers", "bezier", "chebyshev"],
+                            default="layers", help="per-layer widths, or a curve over depth")
+    search_cmd.add_argument("--degree", type=int, default=2, help="the curve's degree")
+    search_cmd.add_argument("--objective", choices=["accuracy", "effective"],
+                            default="accuracy", help="accuracy within the budget, or accuracy "
+                            "minus --cost-per-bit per bit above it")
+    search_cmd.add_argument("--cost-per-bit", type=float, default=0.01)
+    search_cmd.add_argument("--overhead-epochs", type=float, default=0.1,
+                            help="cost of an evaluation without fine-tuning, in epochs")
+    search_cmd.add_argument("--val-size", type=int,
+                            help="training examples held out to score the search "
+                            "(default: a fifth, at most 1000)")
+    search_cmd.add_argument("--random-budget", type=float,
+                            help="also run random search with this budget, to compare")
+    search_cmd.add_argument("--out", type=Path,
+                            help="folder to write (default: beside the posterior, search/)")
+    search_cmd.add_argument("--resume", action="store_true",
+                            help="continue the traces already in --out")
+    search_cmd.add_argument("--seed", type=int, default=0)
+    search_cmd.add_argument("--no-progress", dest="progress", action="store_false")
+    search_cmd.set_defaults(run=_search)
     return parser
 
 

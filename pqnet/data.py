@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,11 @@ _IDX_DTYPES = {
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzip-compressed if its name ends in ``.gz``.
 
-    Raises ``ValueError`` naming the file when the magic number is wrong or the data size
-    does not match the declared dimensions (a truncated or corrupt file).
+    The format: two zero bytes, a type code (``0x08`` uint8 ... ``0x0E`` float64), the
+    number of dimensions ``d >= 1``, ``d`` big-endian uint32 sizes, then exactly
+    ``prod(sizes) * itemsize`` bytes of big-endian data. Raises ``ValueError`` starting with
+    ``path:`` and naming the file for anything else: a bad magic number, a truncated header or
+    body, trailing bytes, or a corrupt gzip stream.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -148,26 +152,26 @@ def read_idx(path: str | Path) -> np.ndarray:
             raw = f.read()
     except FileNotFoundError:
         raise
-    except (OSError, EOFError) as e:  # bad or truncated gzip stream
-        raise ValueError(f"{path}: cannot read the IDX data ({e})") from e
+    except (OSError, EOFError, zlib.error) as e:  # bad or truncated gzip stream
+        raise ValueError(f"path: {path}: cannot read the IDX data ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
         raise ValueError(
-            f"{path}: not an IDX file; expected a magic number of two zero bytes, a type code "
-            f"in {{{', '.join(f'0x{c:02X}' for c in _IDX_DTYPES)}}} and a dimension count >= 1, "
-            f"got {raw[:4].hex(' ') or 'an empty file'}"
+            f"path: {path}: not an IDX file; expected a magic number of two zero bytes, a type "
+            f"code in {{{', '.join(f'0x{c:02X}' for c in _IDX_DTYPES)}}} and a dimension count "
+            f">= 1, got {raw[:4].hex(' ') or 'an empty file'}"
         )
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(
-            f"{path}: truncated IDX header; expected {header} bytes for {ndim} dimensions, "
-            f"got {len(raw)}"
+            f"path: {path}: truncated IDX header; expected {header} bytes for {ndim} "
+            f"dimensions, got {len(raw)}"
         )
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header != expected:
         raise ValueError(
-            f"{path}: truncated or corrupt IDX file; shape {shape} of {dtype.name} needs "
+            f"path: {path}: truncated or corrupt IDX file; shape {shape} of {dtype.name} needs "
             f"{expected} data bytes, found {len(raw) - header}"
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
@@ -209,7 +213,7 @@ def _read_idx_pair(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray, s
         x, y = read_idx(images), read_idx(labels)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(
-                f"{images}: expected N images of shape (H, W) matching the N labels in "
+                f"root: {images}: expected N images of shape (H, W) matching the N labels in "
                 f"{labels.name}, got images {x.shape} and labels {y.shape}"
             )
         if not train:

@@ -57,8 +57,8 @@ class PWFNPrior(NormalPrior):
 
     .. math::
 
-        \mathrm{KL} = \log\frac{c}{\sigma} + \frac{\sigma^2 + (\mu - w_0)^2}{2 c^2}
-            - \frac12,
+        \\mathrm{KL} = \\log\\frac{c}{\\sigma} + \\frac{\\sigma^2 + (\\mu - w_0)^2}{2 c^2}
+            - \\frac12,
 
     whose sigma part is smallest at ``sigma = c`` (it pushes sigma up to the cap and no
     further), and whose mean part keeps the means near the pretrained net. Its strength is

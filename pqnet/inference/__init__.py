@@ -1,7 +1,10 @@
-"""BNN → Posterior: SVI fitting, the Posterior, and the posterior predictive."""
+"""BNN → Posterior: SVI fitting (resumable, data-parallel), the Posterior, the posterior
+predictive, and the checkpoint helpers (:mod:`pqnet.inference.checkpoint`)."""
 
-from .fit import batches, fit
+from . import checkpoint
+from .fit import DivergenceError, batches, fit, init_distributed
 from .posterior import Posterior
 from .predictive import evaluate, predict
 
-__all__ = ["Posterior", "batches", "evaluate", "fit", "predict"]
+__all__ = ["DivergenceError", "Posterior", "batches", "checkpoint", "evaluate", "fit",
+           "init_distributed", "predict"]
