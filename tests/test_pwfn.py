@@ -203,6 +203,8 @@ def test_resume_after_sigkill_ends_where_an_uninterrupted_run_ends(digits, tmp_p
         assert torch.equal(resumed.to_module().state_dict()[name], value)
     assert [r["fixed"] for r in resumed.config["rounds"]] == \
         [r["fixed"] for r in fresh.config["rounds"]]
+    with pytest.raises(ValueError, match="checkpoint_dir: .* already holds a PWFN checkpoint"):
+        pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "ckpt", **options)
     with pytest.raises(ValueError, match="resume: .* other options"):
         pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "ckpt", resume=True,
                        **{**options, "threshold": 2.0})
@@ -237,6 +239,7 @@ def test_vit_tiny_weights_are_fixed_too():
     ({"widen": 1.0}, "widen"),
     ({"zero_below": -1.0}, "zero_below"),
     ({"retrain_epochs": 1}, "data: PWFN retrains"),
+    ({"resume": True}, "resume: needs checkpoint_dir"),
     ({"avg_bits": 2.0}, "avg_bits: not a keyword of method 'pwfn'"),
 ])
 def test_bad_options_name_the_argument(options, argument):

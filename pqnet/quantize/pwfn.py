@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .._io import load_torch, save_torch
 from ..bnn import bayesian
 from ..bnn.guide import softplus_inverse
 from ..bnn.priors import PWFNPrior
+from ..inference.checkpoint import load_checkpoint, save_checkpoint
 from ..inference.fit import fit
 from ..inference.posterior import Posterior
 from .budget import check_flag, check_int, check_seed, layer_posteriors
@@ -30,8 +30,7 @@ from .qnet import QuantizedLayer, QuantizedNet, weight_name
 SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
 """PWFN's cumulative fractions of fixed weights after each round."""
 SMALLEST_EXPONENT = -7
-CHECKPOINT_FORMAT = "pqnet.pwfn-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_KIND = "pwfn"
 
 
 def centres(order: int, largest_exponent: int = 0,
@@ -226,8 +225,10 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     ``config["rounds"]`` records each round (fixed fraction, order, threshold, values).
 
     ``checkpoint_dir``: the state after every round is written there atomically
-    (``pwfn.pt``); with ``resume=True`` a run with the same posterior and options goes on
-    from the last completed round and ends with the same result.
+    (``pwfn.pt``, a :mod:`pqnet.inference.checkpoint` of kind ``"pwfn"``); with
+    ``resume=True`` a run with the same posterior and options goes on from the last
+    completed round and ends with the same result. Without ``resume`` an existing
+    checkpoint is an error, never overwritten.
     """
     seed = check_seed(seed)
     schedule = check_schedule(schedule)
@@ -241,6 +242,13 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     scale_lr = None if scale_lr is None else _positive(scale_lr, "scale_lr")
     batch_size = check_int(batch_size, "batch_size", 1, 1 << 30)
     resume = check_flag(resume, "resume")
+    checkpoint = Path(checkpoint_dir) / "pwfn.pt" if checkpoint_dir is not None else None
+    if resume and checkpoint is None:
+        raise ValueError("resume: needs checkpoint_dir, the folder to resume from")
+    if not resume and checkpoint is not None and checkpoint.exists():
+        raise ValueError(f"checkpoint_dir: {checkpoint_dir} already holds a PWFN checkpoint; "
+                         "pass resume=True to continue it, or use another folder")
+    state = load_checkpoint(checkpoint, CHECKPOINT_KIND, "checkpoint_dir") if resume else None
     layers = layer_posteriors(posterior)
     for layer, _, sigma in layers:
         if not bool((sigma > 0).all() & torch.isfinite(sigma).all()):
@@ -262,9 +270,7 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     masks = {layer: torch.zeros(mu.shape, dtype=torch.bool) for layer, mu, _ in layers}
     values = {layer: torch.zeros(mu.shape) for layer, mu, _ in layers}
     rounds: list[dict] = []
-    checkpoint = Path(checkpoint_dir) / "pwfn.pt" if checkpoint_dir is not None else None
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = load_torch(checkpoint, "PWFN checkpoint", CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    if state is not None:
         if state["options"] != options or state["posterior"] != _fingerprint(posterior):
             raise ValueError(f"resume: {checkpoint} is from another posterior or other options")
         masks, values, rounds = state["masks"], state["values"], state["rounds"]
@@ -312,10 +318,10 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
         record["seconds"] = time.perf_counter() - start
         rounds.append(record)
         if checkpoint is not None:
-            save_torch({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                        "options": options, "posterior": _fingerprint(posterior),
-                        "masks": masks, "values": values, "rounds": rounds,
-                        "fixer": fixer.state(), "bnn": bnn.state_dict()}, checkpoint)
+            save_checkpoint(checkpoint, CHECKPOINT_KIND, {
+                "options": options, "posterior": _fingerprint(posterior), "masks": masks,
+                "values": values, "rounds": rounds, "fixer": fixer.state(),
+                "bnn": bnn.state_dict()})
 
     final = Posterior.from_bnn(bnn)
     quantized = {layer: _shared_codebook_layer(values[layer]) for layer in masks}
