@@ -126,7 +126,9 @@ class BNN(PyroModule):
         shape = layer.pqnet_shapes[param]
         for kind, fixed in (("loc", value), ("scale", FIXED_SCALE)):
             prior = getattr(layer, f"{param}_prior_{kind}").expand(shape)
-            setattr(layer, f"{param}_prior_{kind}", torch.where(mask, fixed, prior).detach())
+            fixed = torch.as_tensor(fixed, dtype=prior.dtype, device=prior.device)
+            setattr(layer, f"{param}_prior_{kind}",
+                    torch.where(mask.to(prior.device), fixed, prior).detach())
 
     def kl(self) -> torch.Tensor:
         """``KL(q || p)`` in closed form, summed over all random weights (not scaled)."""

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..bnn import bayesian
+from ..bnn import PWFNPrior, bayesian
 from ..bnn.guide import softplus_inverse
-from ..bnn.priors import PWFNPrior
 from ..inference.checkpoint import load_checkpoint, save_checkpoint
 from ..inference.fit import fit
 from ..inference.posterior import Posterior
@@ -186,8 +185,9 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
          widen: float = 2.0, zero_below: float | None = None, retrain_epochs: int = 1,
          lr: float = 1e-3, scale_lr: float | None = None, batch_size: int = 64,
          kl_weight: float = 1.0,
-         sigma_cap: float = 0.05, checkpoint_dir: str | Path | None = None,
-         resume: bool = False, progress: bool = False) -> QuantizedNet:
+         sigma_cap: float = 0.05, device: str | torch.device = "cpu",
+         checkpoint_dir: str | Path | None = None, resume: bool = False,
+         progress: bool = False) -> QuantizedNet:
     """Probabilistic Weight Fixing (Subia-Waud & Dasmahapatra, NeurIPS 2023).
 
     For each cumulative fraction ``f_r`` of ``schedule`` (PWFN's .2, .4, .6, .7, .8, .9, .95,
@@ -205,8 +205,8 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
        the free ones are retrained for ``retrain_epochs`` epochs by :func:`pqnet.fit`
        under PWFN's prior ``N(mu_0, sigma_cap^2)`` (:class:`~pqnet.bnn.priors.PWFNPrior`),
        whose KL is the regulariser that pushes each sigma up toward ``sigma_cap``, at
-       strength ``kl_weight`` (``lr``, ``scale_lr``, ``batch_size`` as in :func:`pqnet.fit`,
-       seeded ``seed + r``). There is no retraining after the last round.
+       strength ``kl_weight`` (``lr``, ``scale_lr``, ``batch_size``, ``device`` as in
+       :func:`pqnet.fit`, seeded ``seed + r``). There is no retraining after the last round.
 
     A large sigma means the loss does not care where the weight sits, so it can join the
     most popular centre; a small sigma keeps it at a centre right beside its mean. Start
@@ -282,29 +282,10 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
 
     for r in range(len(rounds), len(schedule)):
         start = time.perf_counter()
-        guide = bnn.guide
-        with torch.no_grad():
-            mu = {layer: guide.loc_of(_site(layer)).detach().cpu() for layer in masks}
-            sigma = {layer: guide.scale_of(_site(layer)).detach().cpu() for layer in masks}
         if r == 0 and zero_below is not None:
             for layer in masks:
-                tiny = mu[layer].abs() < zero_below
-                masks[layer] |= tiny
-        free = {layer: (~masks[layer]).flatten().nonzero().squeeze(1) for layer in masks}
-        flat_mu = torch.cat([mu[layer].flatten()[free[layer]] for layer in masks])
-        flat_sigma = torch.cat([sigma[layer].flatten()[free[layer]] for layer in masks])
-        fixed = sum(int(m.sum()) for m in masks.values())
-        count = max(0, min(len(flat_mu), math.ceil(schedule[r] * total - 1e-9) - fixed))
-        index, value = fixer.fix(flat_mu, flat_sigma, count)
-        offset = 0
-        for layer in masks:  # scatter the flat choice back into each layer
-            n = len(free[layer])
-            mine = (index >= offset) & (index < offset + n)
-            positions = free[layer][index[mine] - offset]
-            masks[layer].view(-1)[positions] = True
-            values[layer].view(-1)[positions] = value[mine]
-            offset += n
-            bnn.fix(_site(layer), masks[layer], values[layer])
+                masks[layer] |= bnn.guide.loc_of(_site(layer)).detach().cpu().abs() < zero_below
+        _fix_round(fixer, bnn, masks, values, math.ceil(schedule[r] * total - 1e-9))
         record = {"round": r + 1, "target": schedule[r],
                   "fixed": sum(int(m.sum()) for m in masks.values()) / total,
                   "order": fixer.order, "threshold": fixer.threshold,
@@ -312,7 +293,7 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
                                        .unique())}
         if r < len(schedule) - 1 and retrain_epochs:
             fitted = fit(bnn, data, epochs=retrain_epochs, batch_size=batch_size, lr=lr,
-                         scale_lr=scale_lr, seed=seed + r, kl_weight=kl_weight,
+                         scale_lr=scale_lr, seed=seed + r, kl_weight=kl_weight, device=device,
                          progress=progress)
             record["elbo"] = fitted.history[-1]["elbo"]
         record["seconds"] = time.perf_counter() - start
@@ -326,6 +307,30 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     final = Posterior.from_bnn(bnn)
     quantized = {layer: _shared_codebook_layer(values[layer]) for layer in masks}
     return QuantizedNet(quantized, final.module, "pwfn", {**options, "rounds": rounds})
+
+
+def _fix_round(fixer: WeightFixer, bnn, masks: dict[str, torch.Tensor],
+               values: dict[str, torch.Tensor], target: int) -> None:
+    """Fix free weights, network-wide, until ``target`` are fixed: ``fixer`` chooses among
+    the free weights of every layer at once (one codebook for the network); ``masks``,
+    ``values`` and ``bnn`` are updated in place."""
+    with torch.no_grad():
+        mu = {la: bnn.guide.loc_of(_site(la)).detach().cpu().flatten() for la in masks}
+        sigma = {la: bnn.guide.scale_of(_site(la)).detach().cpu().flatten() for la in masks}
+    free = {la: (~masks[la]).flatten().nonzero().squeeze(1) for la in masks}
+    fixed = sum(int(m.sum()) for m in masks.values())
+    flat_mu = torch.cat([mu[la][free[la]] for la in masks])
+    flat_sigma = torch.cat([sigma[la][free[la]] for la in masks])
+    index, value = fixer.fix(flat_mu, flat_sigma, max(0, min(len(flat_mu), target - fixed)))
+    offset = 0
+    for layer in masks:  # the flat choice, back into each layer
+        n = len(free[layer])
+        mine = (index >= offset) & (index < offset + n)
+        positions = free[layer][index[mine] - offset]
+        masks[layer].view(-1)[positions] = True
+        values[layer].view(-1)[positions] = value[mine]
+        offset += n
+        bnn.fix(_site(layer), masks[layer], values[layer])
 
 
 def _fingerprint(posterior: Posterior) -> list:
