@@ -74,12 +74,18 @@ def load_torch(path: str | os.PathLike, what: str, file_format: str, version: in
     except Exception as err:  # unpickling damaged bytes can raise any exception type
         raise ValueError(f"{argument}: {path} is not a readable pqnet {what} "
                          f"(corrupt or truncated?): {type(err).__name__}: {err}") from err
-    if not isinstance(state, dict) or state.get("format") != file_format:
+    return _checked_header(state, path, what, file_format, version, argument)
+
+
+def _checked_header(obj: Any, path: Path, what: str, file_format: str, version: int,
+                    argument: str) -> dict:
+    """``obj`` when it is a dict whose ``format`` and ``version`` fields are these."""
+    if not isinstance(obj, dict) or obj.get("format") != file_format:
         raise ValueError(f"{argument}: {path} is not a pqnet {what} file")
-    if state.get("version") != version:
+    if obj.get("version") != version:
         raise ValueError(f"{argument}: {path} has {what} format version "
-                         f"{state.get('version')!r}; this pqnet reads version {version}")
-    return state
+                         f"{obj.get('version')!r}; this pqnet reads version {version}")
+    return obj
 
 
 def save_json(obj: Any, path: str | os.PathLike, file_format: str | None = None,
@@ -111,9 +117,4 @@ def load_json(path: str | os.PathLike, what: str, file_format: str, version: int
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{argument}: {path} is not a readable pqnet {what} "
                          f"(corrupt or truncated?): {err}") from err
-    if not isinstance(obj, dict) or obj.get("format") != file_format:
-        raise ValueError(f"{argument}: {path} is not a pqnet {what} file")
-    if obj.get("version") != version:
-        raise ValueError(f"{argument}: {path} has {what} format version "
-                         f"{obj.get('version')!r}; this pqnet reads version {version}")
-    return obj
+    return _checked_header(obj, path, what, file_format, version, argument)

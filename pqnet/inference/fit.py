@@ -187,6 +187,18 @@ def check_dataset(module: nn.Module, dataset: Dataset, argument: str,
 # --------------------------------------------------------------------------- processes
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; a ``ValueError`` naming it when it is not one, or
+    when it asks for CUDA on a machine without."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {device!r} is not a torch device") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: CUDA was asked for but torch.cuda.is_available() is False")
+    return device
+
+
 def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int, torch.device]:
     """Join the process group that ``torchrun`` describes; return ``(rank, world_size,
     device)``.
@@ -198,12 +210,7 @@ def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int, torc
     reports where this process stands. :func:`fit` trains data-parallel whenever a process
     group of more than one process is up.
     """
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: {device!r} is not a torch device") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: CUDA was asked for but torch.cuda.is_available() is False")
+    device = check_device(device)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -425,12 +432,7 @@ def fit(
                              f"got {retry_lr_factor!r}")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries: expected a non-negative int, got {max_retries!r}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device: {device!r} is not a torch device") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: CUDA was asked for but torch.cuda.is_available() is False")
+    device = check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     rank, world_size = _world()

@@ -11,7 +11,7 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from ..diagnostics.metrics import classification_metrics, entropy
-from .fit import _positive_int, batches
+from .fit import _positive_int, batches, check_device
 from .posterior import Posterior
 
 Model = Posterior | nn.Module
@@ -62,7 +62,7 @@ def predict(model: Model, x: torch.Tensor, num_samples: int = 32, seed: int = 0,
     """
     num_samples = _positive_int("num_samples", num_samples)
     _check_x(x, "x")
-    device = torch.device(device)
+    device = check_device(device)
     categorical = _kind(model) == "categorical"
     total, count = 0.0, 0
     for net, weights in _networks(model, num_samples, seed, device):
@@ -89,7 +89,7 @@ def evaluate(model: Model, dataset: Dataset, num_samples: int = 32, seed: int = 
     n = len(dataset)
     if n == 0:
         raise ValueError("dataset: the dataset is empty")
-    device = torch.device(device)
+    device = check_device(device)
     categorical = _kind(model) == "categorical"
     ys = torch.cat([y for _, y in batches(dataset, batch_size, shuffle=False)])
     sums: dict[str, torch.Tensor] = {}
