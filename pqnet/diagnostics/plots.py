@@ -80,10 +80,12 @@ def pareto_plot(results: dict, zoom_pp: float = 5.0) -> Figure:
         for label, colour, acc in references:
             ax.axhline(acc, color=colour, linestyle="--", linewidth=1,
                        label=f"{label} ({acc:.2f} %)")
-        if points:  # the budgets, and the whole bits below the smallest
-            ticks = {float(row["budget"]) for row in results["rows"]}
+        if points:  # the budgets (PWFN has none: its budget is its result), whole bits below
+            ticks = {float(row["budget"]) for row in results["rows"] if row["method"] != "pwfn"}
+            ticks = ticks or {math.ceil(max(p[0] for p in points))}
             low = math.floor(min(p[0] for p in points))
             ax.set_xticks(sorted(ticks | set(range(low, math.ceil(min(ticks))))))
+            ax.xaxis.set_major_formatter("{x:g}")
         ax.set_xlabel("average bits per weight")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
