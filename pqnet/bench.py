@@ -231,7 +231,8 @@ def _row(method: str, budget: float, qnet: QuantizedNet, scores: dict, seconds: 
             **extra}
 
 
-def _label(row: dict) -> str:
+def row_label(row: dict) -> str:
+    """A row's method, with its k (k-means) or threshold (PWFN)."""
     if row["method"] == "kmeans":
         return f"kmeans k={row['k']}"
     if row["method"] == "pwfn":
@@ -248,7 +249,7 @@ def print_results(results: dict, log: Callable[[str], None] = print) -> None:
         r["size_bytes"] = results["float_size_bytes"]
     log(format_table(refs, ["network", "accuracy", "nll", "ece", "size_bytes"]))
     log("")
-    rows = [{**r, "method": _label(r)} for r in results["rows"]]
+    rows = [{**r, "method": row_label(r)} for r in results["rows"]]
     log(format_table(rows, ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
                             "unique_values", "entropy_bits", "size_bytes", "seconds"]))
     for skip in results["skipped"]:

@@ -131,7 +131,7 @@ DEMO_FORMAT = ("pqnet.demo-results", 1)  # ... and of the demo's quantize.json
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .bench import quantized_rows
+    from .bench import quantized_rows, row_label
     from .quantize import METHODS
 
     posterior, result = fit_run("digits_cnn", "digits", None, args.out, args)
@@ -145,8 +145,7 @@ def _demo(args: argparse.Namespace) -> None:
                           kmeans_ks=(4, 8, 16), folder=args.out / "quantized", keep=True,
                           seed=args.seed, log=lambda line: None)
     print()
-    print(format_table([{**r, "method": r["method"] + (f" k={r['k']}" if "k" in r else "")}
-                        for r in rows],
+    print(format_table([{**r, "method": row_label(r)} for r in rows],
                        ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
                         "unique_values", "size_bytes"]))
     save_json({**result, "rows": rows}, args.out / "quantize.json", *DEMO_FORMAT)
