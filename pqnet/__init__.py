@@ -21,4 +21,8 @@ def __getattr__(name: str):
         from .diagnostics.arviz import to_inference_data
 
         return to_inference_data
+    if name == "search":  # the bit-width search subpackage imports BoTorch: loaded on first use
+        import importlib
+
+        return importlib.import_module(".search", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@
     pqnet fit --model lenet5 --data mnist --data-dir DIR --epochs 20 --out RUN_DIR
     pqnet bench --model lenet5 --data mnist --data-dir DIR --json OUT.json --plot OUT.png
     pqnet report RUN_DIR                        # RUN_DIR/report/: report.md, idata.nc, PNGs
+    pqnet search --posterior RUN_DIR/posterior.pt --avg-bits 2   # per-layer widths by GP search
 
 Each command writes its results atomically (a file is replaced whole or not at all) and
 reports bad arguments as one line naming the argument, with exit status 2.
