@@ -33,6 +33,7 @@ bench: .venv/.bench
 		--bnn-init deterministic --bnn-epochs 10 --lr-schedule cosine --kl-weight 0.1 \
 		--finetune-epochs 2 --json benchmarks/quantize_lenet5.json \
 		--plot benchmarks/quantize_lenet5.png --no-progress
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/pwfn_scale.py --json benchmarks/pwfn_scale.json
 
 lint: .venv/.installed
 	$(PY) -m ruff check pqnet tests benchmarks
