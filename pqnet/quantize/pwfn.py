@@ -277,8 +277,8 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
         for layer in masks:
             bnn.fix(_site(layer), masks[layer], values[layer])
         bnn.load_state_dict(state["bnn"])
-        fixer.order, fixer.threshold = state["fixer"]["order"], state["fixer"]["threshold"]
-        fixer.centres = centres(fixer.order, largest_exponent)
+        fixer = WeightFixer(max_order, widen=widen, largest_exponent=largest_exponent,
+                            **state["fixer"])  # the order and threshold the rounds reached
 
     for r in range(len(rounds), len(schedule)):
         start = time.perf_counter()
