@@ -34,7 +34,7 @@ def one_seed(model: str, train, test, seed: int, args, folder: Path) -> list[dic
     float_accuracy = pqnet.evaluate(net, test)["accuracy"]
     posterior = pqnet.fit(pqnet.bayesian(net, prior="pwfn", init_scale="pwfn"), train,
                           epochs=args.pwfn_epochs, lr=1e-3, scale_lr=PWFN_SCALE_LR,
-                          lr_schedule="cosine", seed=seed, progress=False)
+                          kl_weight=1, warm_start=0, seed=seed, progress=False)
     mean_accuracy = pqnet.evaluate(posterior.mean_module(), test)["accuracy"]
     rows = []
     for threshold in args.thresholds:

@@ -74,8 +74,7 @@ def posterior_for(train, args: argparse.Namespace, seed: int, cache: Path) -> pq
     seconds = train_network(net, train, epochs=args.epochs, batch_size=64, lr=1e-3, seed=seed)
     print(f"deterministic LeNet-5: {args.epochs} epochs in {seconds:.1f} s")
     posterior = pqnet.fit(pqnet.bayesian(net), train, epochs=args.bnn_epochs, batch_size=64,
-                          lr=1e-3, kl_weight=0.1, lr_schedule="cosine", seed=seed,
-                          progress=False)
+                          lr=1e-3, kl_weight=0.1, warm_start=0, seed=seed, progress=False)
     posterior.save(cache)
     return posterior
 

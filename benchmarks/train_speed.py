@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import pqnet
 from pqnet._io import save_json
 from pqnet.diagnostics.metrics import classification_metrics, entropy
-from pqnet.inference.fit import batches
+from pqnet.inference.batching import batches
 
 WARMUP_EXAMPLES = 640
 SPEED_TARGET = 2.0  # pqnet epoch / plain epoch

@@ -65,7 +65,7 @@ from ._io import save_json
 from .bnn import bayesian
 from .diagnostics.table import format_table
 from .inference import Posterior, evaluate, fit
-from .inference.fit import batches
+from .inference.batching import batches
 from .quantize import METHODS, QuantizedLayer, QuantizedNet, quantize
 from .quantize.qnet import FLOAT_BYTES
 
@@ -304,8 +304,8 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
 
 def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                   epochs: int = 20, batch_size: int = 64, lr: float = 1e-3,
-                  kl_weight: float = 1.0, bnn_init: str = "scratch",
-                  bnn_epochs: int | None = None, lr_schedule: str = "constant",
+                  kl_weight: float | str = "auto", bnn_init: str = "scratch",
+                  bnn_epochs: int | None = None, lr_schedule: str = "cosine",
                   seed: int = 0, num_samples: int = 32,
                   methods: Sequence[str] | None = None,
                   budgets: Sequence[float] = BUDGETS,
@@ -378,14 +378,17 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     # the BNN: posterior predictive and mean network
     start = time.perf_counter()
     init = net if bnn_init == "deterministic" else _fresh(model, train, seed)
+    # a BNN from the trained net needs no warm start
     posterior: Posterior = fit(bayesian(init), train, epochs=bnn_epochs, batch_size=batch_size,
                                lr=lr, kl_weight=kl_weight, lr_schedule=lr_schedule, seed=seed,
+                               warm_start=0 if bnn_init == "deterministic" else "auto",
                                progress=progress)
     fit_seconds = time.perf_counter() - start
     log(f"BNN fitted: {bnn_epochs} epochs from {bnn_init} in {fit_seconds:.1f} s")
     results: dict = {
         "model": model, "data": data, "seed": seed, "epochs": epochs, "data_note": train.note,
-        "config": {"batch_size": batch_size, "lr": lr, "kl_weight": kl_weight,
+        "config": {"batch_size": batch_size, "lr": lr,
+                   "kl_weight": posterior.config["kl_weight"], "kl_weight_asked": kl_weight,
                    "bnn_init": bnn_init, "bnn_epochs": bnn_epochs, "lr_schedule": lr_schedule,
                    "num_samples": num_samples, "finetune_epochs": finetune_epochs,
                    "methods": methods, "budgets": budgets, "kmeans_ks": kmeans_ks,
@@ -412,7 +415,7 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
             pwfn_posterior = fit(bayesian(net, prior="pwfn", init_scale="pwfn"), train,
                                  epochs=pwfn_epochs, batch_size=batch_size, lr=lr,
                                  scale_lr=PWFN_SCALE_LR, lr_schedule="cosine", seed=seed,
-                                 progress=progress)
+                                 kl_weight=1.0, warm_start=0, progress=progress)
             prefit = time.perf_counter() - start
             log(f"PWFN posterior fitted: {pwfn_epochs} epochs in {prefit:.1f} s")
             pwfn_rows = quantized_rows(

@@ -29,16 +29,30 @@ from .diagnostics.table import format_table
 from .inference import Posterior, evaluate, fit, init_distributed
 
 
-def _add_fit_options(parser: argparse.ArgumentParser, epochs: int, lr: float,
-                     kl_weight: float = 1.0, lr_schedule: str = "constant") -> None:
-    parser.add_argument("--epochs", type=int, default=epochs)
+def _auto_or(kind: type):
+    """An argparse type: the word 'auto' or a ``kind``."""
+    def parse(value: str):
+        return value if value == "auto" else kind(value)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_fit_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help="training epochs, warm start included (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--scale-lr", type=float,
                         help="learning rate of the posterior scales (default: 10 x --lr)")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default=lr_schedule)
-    parser.add_argument("--kl-weight", type=float, default=kl_weight,
-                        help="beta of the ELBO's KL term (1: the true posterior)")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
+    parser.add_argument("--kl-weight", type=_auto_or(float), default="auto",
+                        help="beta of the ELBO's KL term: 1 is the exact ELBO; 'auto' "
+                        "(default) chooses it on a validation part of the training data")
+    parser.add_argument("--warm-start", type=_auto_or(int), default="auto",
+                        help="epochs of maximum-likelihood training of the means before SVI "
+                        "('auto', the default: half of --epochs)")
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="share of the training data held out to choose --kl-weight auto")
     parser.add_argument("--warmup-epochs", type=int, default=0)
     parser.add_argument("--prior", default="fan-in", help="'fan-in', 'normal' or a scale")
     parser.add_argument("--init-scale", default="0.001",
@@ -88,6 +102,7 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
                        init_scale=_number_or_name(args.init_scale))
         posterior = fit(bnn, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         scale_lr=args.scale_lr, kl_weight=args.kl_weight,
+                        warm_start=args.warm_start, val_fraction=args.val_fraction,
                         warmup_epochs=args.warmup_epochs, lr_schedule=args.lr_schedule,
                         seed=args.seed, device=device,
                         progress=args.progress, checkpoint_dir=args.checkpoint_dir,
@@ -120,10 +135,22 @@ def fit_run(model: str, data: str, data_dir: str | None, out: Path | None,
             {"network": "posterior mean", **metrics["mean"]}]
     print(format_table(rows, ["network", "accuracy", "nll", "ece", "entropy",
                               "mutual_information"]))
-    seconds = sum(h["seconds"] for h in posterior.history)
+    print(describe_fit(posterior.config))
+    seconds = (sum(h["seconds"] for h in posterior.history)
+               + posterior.config["warm_start_record"]["seconds"])
     print(f"{posterior.num_weights:,} random weights, {args.epochs} epochs in {seconds:.1f} s"
           + (f"; wrote {out}/posterior.pt and metrics.json" if out is not None else ""))
     return posterior, result
+
+
+def describe_fit(config: dict) -> str:
+    """One line on what the fit's recipe chose: warm start, KL weight, BatchNorm."""
+    choice = config.get("temperature")
+    beta = config["kl_weight"]
+    how = (f"chosen on {choice['val_size']} held-out training examples" if choice else "as given")
+    kind = "the exact ELBO" if beta == 1 else "a tempered posterior"
+    return (f"warm start {config['warm_start']} epochs; KL weight {beta:g} ({kind}, {how}); "
+            f"BatchNorm: {config['batchnorm']}")
 
 
 DEMO_BUDGETS = (1.5, 2.0, 3.0, 4.0)
@@ -138,9 +165,6 @@ def _demo(args: argparse.Namespace) -> None:
     posterior, result = fit_run("digits_cnn", "digits", None, args.out, args)
     if result is None:  # a process other than the first under torchrun
         return
-    if args.kl_weight != 1:
-        print(f"(a tempered posterior: the KL term weighs {args.kl_weight:g}; "
-              "--kl-weight 1 fits the true one)")
     train, test = datasets.load("digits")
     rows = quantized_rows(posterior, train, test, methods=list(METHODS), budgets=DEMO_BUDGETS,
                           kmeans_ks=(4, 8, 16), folder=args.out / "quantized", keep=True,
@@ -241,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job on scikit-learn's digits")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    _add_fit_options(demo, epochs=15, lr=1e-2, kl_weight=0.1, lr_schedule="cosine")
+    _add_fit_options(demo, epochs=30)
     demo.set_defaults(run=_demo)
 
     fit_cmd = commands.add_parser("fit", help="fit a BNN and write its posterior and metrics")
@@ -249,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--data", required=True, help=", ".join(datasets.DATASETS))
     fit_cmd.add_argument("--data-dir", help="folder of the dataset's files")
     fit_cmd.add_argument("--out", type=Path, required=True, help="run folder to write")
-    _add_fit_options(fit_cmd, epochs=20, lr=1e-3)
+    _add_fit_options(fit_cmd, epochs=20)
     fit_cmd.set_defaults(run=_fit)
 
     bench = commands.add_parser("bench", help="every quantizer at 1.5-4 average bits against "
@@ -263,13 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=20)
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--lr", type=float, default=1e-3)
-    bench.add_argument("--kl-weight", type=float, default=1.0,
-                       help="beta of the ELBO's KL term (1: the true posterior)")
+    bench.add_argument("--kl-weight", type=_auto_or(float), default="auto",
+                       help="beta of the ELBO's KL term: 1 is the exact ELBO; 'auto' "
+                       "(default) chooses it on a validation part of the training data")
     bench.add_argument("--bnn-init", choices=["scratch", "deterministic"], default="scratch",
                        help="start the BNN from the deterministic net's initial or trained "
                        "weights")
     bench.add_argument("--bnn-epochs", type=int, help="SVI epochs (default: --epochs)")
-    bench.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    bench.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine")
     bench.add_argument("--finetune-epochs", type=int, default=0,
                        help="fine-tune each quantized net's means for this many epochs")
     bench.add_argument("--methods", nargs="+", help="quantizers to run (default: all)")

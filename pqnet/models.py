@@ -162,15 +162,24 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
-def digits_cnn(num_classes: int = 10) -> nn.Module:
+def digits_cnn(num_classes: int = 10, batchnorm: bool = False) -> nn.Module:
     """Small CNN for the 1x8x8 scikit-learn digits (Alpaydin & Kaynak 1998, UCI optical
     recognition of handwritten digits): two 3x3 convolutions (16, 32 channels), one
-    max-pool to 4x4 and a 64-unit hidden layer."""
+    max-pool to 4x4 and a 64-unit hidden layer; with ``batchnorm`` a BatchNorm after each
+    convolution."""
     _check_positive_int("num_classes", num_classes)
+    if not isinstance(batchnorm, bool):
+        raise ValueError(f"batchnorm: expected True or False, got {batchnorm!r}")
+
+    def norm(channels: int) -> list[nn.Module]:
+        return [nn.BatchNorm2d(channels)] if batchnorm else []
+
     return nn.Sequential(
         nn.Conv2d(1, 16, kernel_size=3, padding=1),
+        *norm(16),
         nn.ReLU(),
         nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        *norm(32),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),

@@ -20,8 +20,9 @@ def digits():
 @pytest.fixture(scope="module")
 def digits_posterior(digits):
     train, _ = digits
+    torch.manual_seed(0)
     bnn = pqnet.bayesian(pqnet.models.digits_cnn())
-    return pqnet.fit(bnn, train, epochs=15, batch_size=64, lr=1e-2, seed=0, progress=False)
+    return pqnet.fit(bnn, train, epochs=15, seed=0, progress=False)
 
 
 def test_svi_recovers_the_conjugate_linear_regression_posterior():
@@ -40,9 +41,10 @@ def test_svi_recovers_the_conjugate_linear_regression_posterior():
     assert (torch.linalg.inv(precision).diag().sqrt() / mean_field_sd).max() > 1.2
 
     bnn = pqnet.bayesian(nn.Linear(3, 1, bias=False), prior=1.0, likelihood="normal",
-                         noise=noise, init_scale=0.1)
+                         noise=noise, learn_noise=False, init_scale=0.1)
     posterior = pqnet.fit(bnn, TensorDataset(x, y[:, None]), epochs=1000, batch_size=n,
-                          lr=0.05, lr_schedule="cosine", seed=0, progress=False)
+                          lr=0.05, kl_weight=1, warm_start=0, seed=0, progress=False)
+    assert posterior.config["kl_weight"] == 1 and not posterior.config["tempered"]
     loc, scale = posterior.loc["weight"][0], posterior.scale["weight"][0]
     assert ((loc - mean) / mean_field_sd).abs().max() < 0.1
     assert (scale / mean_field_sd - 1).abs().max() < 0.1
@@ -53,12 +55,38 @@ def test_digits_fit_is_accurate_fast_and_recorded(digits, digits_posterior):
     metrics = pqnet.evaluate(digits_posterior, test, num_samples=16)
     assert metrics["accuracy"] > 0.90
     assert 0 <= metrics["ece"] < 1 and metrics["mutual_information"] > 0
-    history = digits_posterior.history
-    assert [h["epoch"] for h in history] == list(range(1, 16))
-    assert history[-1]["elbo"] > history[0]["elbo"]
+    history, config = digits_posterior.history, digits_posterior.config
+    # the default recipe: 7 warm-start epochs, then SVI; each says what it did
+    assert config["warm_start"] == 7 and len(config["warm_start_record"]["nll"]) == 7
+    assert [h["epoch"] for h in history] == list(range(8, 16))
+    assert history[-1]["objective"] > history[0]["objective"]
     assert {"elbo", "nll", "kl", "kl_weight", "seconds"} <= set(history[0])
+    assert config["kl_weight_asked"] == "auto"
+    assert config["kl_weight"] in (1, 0.1, 0.01, 1e-3, 1e-4, 1e-5)
+    assert config["tempered"] == (config["kl_weight"] != 1)
+    assert all(h["kl_weight"] == config["kl_weight"] for h in history)
     mean_net = digits_posterior.mean_module()
     assert torch.equal(mean_net[0].weight, digits_posterior.loc["0.weight"])
+
+
+def test_the_temperature_is_chosen_on_held_out_training_data(digits, digits_posterior):
+    """kl_weight="auto": the choice is the candidate with the lowest validation NLL, and the
+    validation part is a stratified tenth of the training data, disjoint from the rest."""
+    from pqnet.inference.batching import split_validation
+
+    train, _ = digits
+    choice = digits_posterior.config["temperature"]
+    best = min(range(len(choice["grid"])), key=lambda i: choice["val_nll"][i])
+    assert choice["kl_weight"] == choice["grid"][best]
+    fit_part, val_part = split_validation(train, 0.1, seed=0)
+    assert choice["val_size"] == len(val_part) and len(fit_part) + len(val_part) == len(train)
+    rows = {tuple(r.tolist()) for r in train.tensors[0].flatten(1)}
+    val_rows = {tuple(r.tolist()) for r in val_part.tensors[0].flatten(1)}
+    fit_rows = {tuple(r.tolist()) for r in fit_part.tensors[0].flatten(1)}
+    assert val_rows <= rows and not (val_rows & fit_rows)
+    for c in range(10):  # stratified: every class loses a tenth, rounded
+        in_class = int((train.tensors[1] == c).sum())
+        assert int((val_part.tensors[1] == c).sum()) == round(0.1 * in_class)
 
 
 def test_same_seed_same_posterior(digits):
@@ -147,6 +175,11 @@ def _fit(dataset=TRAIN, **kwargs):
         (TRAIN, {"lr": float("nan")}, r"^lr: expected a positive finite"),
         (TRAIN, {"kl_weight": 0.0}, r"^kl_weight: expected a positive"),
         (TRAIN, {"lr_schedule": "step"}, r"^lr_schedule: expected"),
+        (TRAIN, {"val_fraction": 0.0}, r"^val_fraction: expected a number in \(0, 1\)"),
+        (TRAIN, {"val_fraction": 1.0}, r"^val_fraction: expected a number in \(0, 1\)"),
+        (TRAIN, {"epochs": 4, "warm_start": 4}, r"^warm_start: 4 epochs leave none"),
+        (TRAIN, {"warm_start": -1}, r"^warm_start: expected a non-negative int"),
+        (TRAIN, {"kl_weight": "cold"}, r"^kl_weight: expected a positive"),
         (TRAIN, {"device": "tpu:7"}, r"^device:"),
     ],
 )
@@ -156,8 +189,10 @@ def test_bad_input_is_named(dataset, kwargs, match):
 
 
 def test_divergence_is_reported():
-    with pytest.raises(FloatingPointError, match="ELBO became"):
+    with pytest.raises(FloatingPointError, match="ELBO became|gradient .*NaN or inf"):
         _fit(lr=1e12, epochs=3)
+    with pytest.raises(FloatingPointError, match="ELBO became"):
+        _fit(lr=1e12, epochs=3, warm_start=0, kl_weight=1)
 
 
 def test_bad_predict_input(digits_posterior):
@@ -193,7 +228,8 @@ def test_cli_fit_writes_a_run_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "BNN (4 draws)" in printed and "posterior mean" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["model"] == "digits_cnn" and len(metrics["history"]) == 2
+    assert metrics["model"] == "digits_cnn" and len(metrics["history"]) == 1  # 1 warm start
+    assert metrics["config"]["warm_start"] == 1 and "KL weight" in printed
     assert 0 < metrics["test"]["bnn"]["accuracy"] <= 1
     posterior = pqnet.Posterior.load(out / "posterior.pt")
     assert posterior.config["epochs"] == 2
@@ -219,26 +255,52 @@ def test_cli_errors_name_the_argument_and_keep_old_results(tmp_path, capsys):
     assert (out / "metrics.json").read_text() == "{}"
 
 
-def test_the_lean_elbo_is_the_mean_field_elbo():
-    """ClosedFormKLELBO skips only log-densities its loss never reads: same loss, same
-    gradients as Pyro's TraceMeanField_ELBO, with validation off (the fast path) and on."""
+@pytest.mark.parametrize("local_reparam", [True, False])
+def test_the_fast_elbo_is_pyros_mean_field_elbo(local_reparam):
+    """MeanFieldELBO, the loss fit() trains on, against Pyro's TraceMeanField_ELBO on the
+    same BNN and seed: the same loss and gradients (to float rounding), with a KL weight,
+    random and point-estimate biases, convolutions and local reparameterisation."""
     import pyro
     from pyro.infer import TraceMeanField_ELBO
 
-    from pqnet.inference.fit import ClosedFormKLELBO
+    from pqnet.inference.elbo import MeanFieldELBO
 
+    torch.manual_seed(0)
     module = odd_convnet()
     x, y = torch.randn(6, 2, 16, 16), torch.randint(0, 3, (6,))
-    for validate in (False, True):
-        results = []
-        for elbo_class in (TraceMeanField_ELBO, ClosedFormKLELBO):
-            bnn = pqnet.bayesian(module)
-            elbo = elbo_class()(bnn, bnn.guide)
-            pyro.set_rng_seed(0)
-            with pyro.validation_enabled(validate):
-                loss = elbo(x, y, dataset_size=60)
-            loss.backward()
-            results.append((loss.detach(), [p.grad.clone() for p in elbo.parameters()]))
-        (loss_a, grads_a), (loss_b, grads_b) = results
-        assert torch.equal(loss_a, loss_b)
-        assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    results = []
+    for make_loss in (lambda b: TraceMeanField_ELBO()(b, b.guide), MeanFieldELBO):
+        bnn = pqnet.bayesian(module, init_scale=0.05, local_reparam=local_reparam)
+        bnn.kl_weight = 0.3
+        loss_fn = make_loss(bnn)
+        pyro.set_rng_seed(1)
+        with pyro.validation_enabled(False):
+            loss = loss_fn(x, y, dataset_size=60)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in bnn.named_parameters()
+                                        if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 12
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max())
+
+
+def test_bnn_kl_is_the_sum_of_torchs_normal_kls():
+    """BNN.kl's closed form against torch.distributions.kl_divergence per site, with an
+    anchored prior (nonzero prior means) and some fixed weights (whose terms are 0)."""
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(odd_convnet(), prior="pwfn", init_scale="relative")
+    with torch.no_grad():
+        for loc in bnn.guide.loc.values():
+            loc.add_(0.01 * torch.randn_like(loc))
+    site = bnn.sites[0]
+    mask = torch.zeros(bnn.guide.loc_of(site).shape, dtype=torch.bool)
+    mask.view(-1)[:5] = True
+    bnn.fix(site, mask, torch.zeros(mask.shape))
+    expected = sum(torch.distributions.kl_divergence(
+        torch.distributions.Normal(bnn.guide.loc_of(s), bnn.guide.scale_of(s)),
+        torch.distributions.Normal(bnn.prior_distribution(s).base_dist.loc,
+                                   bnn.prior_distribution(s).base_dist.scale)).sum()
+        for s in bnn.sites)
+    torch.testing.assert_close(bnn.kl(), expected, rtol=1e-6, atol=1e-6)

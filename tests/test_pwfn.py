@@ -32,7 +32,8 @@ def digits():
         torch.manual_seed(0)
         net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     bnn = pqnet.bayesian(net, prior="pwfn", init_scale="pwfn")
-    posterior = pqnet.fit(bnn, train, epochs=4, lr=1e-2, scale_lr=0.1, seed=0, progress=False)
+    posterior = pqnet.fit(bnn, train, epochs=4, lr=1e-2, scale_lr=0.1, kl_weight=1,
+                          warm_start=0, seed=0, progress=False)
     return posterior, train, test
 
 
@@ -148,7 +149,7 @@ def test_fixed_weights_do_not_move_while_the_rest_retrain(digits):
     value = torch.where(torch.rand(32, 64) < 0.5, 0.125, -0.0625)
     bnn.fix("net.1.weight", mask, value)
     before = bnn.guide.loc_of("net.1.weight").detach().clone()
-    after = pqnet.fit(bnn, train, epochs=1, lr=1e-2, seed=0, progress=False)
+    after = pqnet.fit(bnn, train, epochs=1, lr=1e-2, kl_weight=1, seed=0, progress=False)
     assert torch.equal(after.loc["1.weight"][mask], value[mask])
     assert float(after.scale["1.weight"][mask].max()) == 2.0**-30
     assert float((after.loc["1.weight"][~mask] != before[~mask]).float().mean()) > 0.5
@@ -218,7 +219,7 @@ def test_vit_tiny_weights_are_fixed_too():
     posterior = pqnet.fit(pqnet.bayesian(vit, prior="pwfn", init_scale="pwfn"),
                           torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28),
                                                          torch.randint(0, 10, (32,))),
-                          epochs=1, seed=0, progress=False)
+                          epochs=1, kl_weight=1, seed=0, progress=False)
     qnet = pqnet.quantize(posterior, "pwfn", retrain_epochs=0)
     assert set(qnet.layers) == {"embed", "blocks.0.attn.qkv", "blocks.0.attn.proj",
                                 "blocks.0.mlp.0", "blocks.0.mlp.2", "head"}

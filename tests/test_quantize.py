@@ -57,7 +57,7 @@ def digits():
         torch.manual_seed(0)  # the network's initial weights
         bnn = pqnet.bayesian(pqnet.models.digits_cnn())
     posterior = pqnet.fit(bnn, train, epochs=6, batch_size=128, lr=1e-2, kl_weight=0.1,
-                          lr_schedule="cosine", seed=0, progress=False)
+                          warm_start=0, seed=0, progress=False)
     float_accuracy = pqnet.evaluate(posterior.mean_module(), test)["accuracy"]
     return posterior, test, float_accuracy, train
 
@@ -396,7 +396,8 @@ def test_random_bits_meets_the_budget_is_seeded_and_needs_data(digits):
     assert runs[0].layer_bits == runs[1].layer_bits  # the same seed, the same widths
     assert posterior.module.training == was_training  # the caller's module is left alone
     probabilities = runs[0].config["bit_probabilities"]
-    assert all(abs(sum(p) - 1) < 1e-6 for p in probabilities.values())
+    # eight probabilities, each rounded to 1e-6 in the record
+    assert all(abs(sum(p) - 1) <= 4e-6 + 1e-12 for p in probabilities.values())
     accuracy = pqnet.evaluate(runs[2].to_module(), test)["accuracy"]
     assert accuracy >= float_accuracy - 0.03
     with pytest.raises(ValueError, match="^data: random-bits needs the training data"):

@@ -107,7 +107,7 @@ def digits():
         torch.manual_seed(0)
         bnn = pqnet.bayesian(pqnet.models.digits_cnn())
     posterior = pqnet.fit(bnn, train, epochs=4, batch_size=128, lr=1e-2, kl_weight=0.1,
-                          lr_schedule="cosine", seed=0, progress=False)
+                          warm_start=0, seed=0, progress=False)
     return posterior, train, val, test
 
 

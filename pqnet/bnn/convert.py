@@ -130,13 +130,30 @@ class BNN(PyroModule):
             setattr(layer, f"{param}_prior_{kind}",
                     torch.where(mask.to(prior.device), fixed, prior).detach())
 
+    def site_layer(self, site: str) -> tuple[nn.Module, str]:
+        """The Bayesian layer that holds ``site`` and the parameter's name in it."""
+        module_path, _, param = site.removeprefix("net.").rpartition(".")
+        return self.net.get_submodule(module_path), param
+
     def kl(self) -> torch.Tensor:
-        """``KL(q || p)`` in closed form, summed over all random weights (not scaled)."""
-        return sum(
-            torch.distributions.kl_divergence(self.guide.distribution(s),
-                                              self.prior_distribution(s))
-            for s in self.sites
-        )
+        """``KL(q || p)`` in closed form, summed over all random weights (not scaled): per
+        weight, with ``r = sigma / s``,
+
+        .. math:: \\tfrac12\\big(r^2 + ((\\mu - m)/s)^2 - 1 - \\log r^2\\big),
+
+        the formula of :func:`torch.distributions.kl_divergence` for two Normals, without
+        building a distribution per site. A fixed weight (:meth:`fix`) has ``r = 1`` and
+        ``mu = m``: its term is exactly 0.
+        """
+        total = torch.zeros((), device=next(iter(self.guide.loc.values())).device)
+        for site in self.sites:
+            layer, param = self.site_layer(site)
+            prior_loc = getattr(layer, f"{param}_prior_loc")
+            prior_scale = getattr(layer, f"{param}_prior_scale")
+            ratio = (self.guide.scale_of(site) / prior_scale).square()
+            shift = ((self.guide.loc_of(site) - prior_loc) / prior_scale).square()
+            total = total + 0.5 * (ratio + shift - 1 - ratio.log()).sum()
+        return total
 
 
 def bayesian(
@@ -150,7 +167,7 @@ def bayesian(
     embeddings: bool = False,
     local_reparam: bool = True,
     noise: float = 1.0,
-    learn_noise: bool = False,
+    learn_noise: bool = True,
 ) -> BNN:
     """Turn ``module`` into a :class:`BNN`: its Linear/Conv weights become random.
 
@@ -189,9 +206,8 @@ def bayesian(
     for path, layer in list(net.named_modules()):
         if not isinstance(layer, random_types):
             continue
-        if isinstance(layer, BAYESIAN_TYPES):
-            base = next(c for c in BAYESIAN_TYPES if isinstance(layer, c))
-            layer.__class__ = bayesian_class(base)
+        base = next(c for c in random_types if isinstance(layer, c))
+        layer.__class__ = bayesian_class(base)
         has_bias = getattr(layer, "bias", None) is not None
         params = ["weight"] + (["bias"] if bias and has_bias else [])
         fan_in = layer.weight[0].numel() if not isinstance(layer, nn.Embedding) else 1

@@ -21,11 +21,18 @@ Convolutions therefore draw their kernel once per minibatch: exact, and no slowe
 the deterministic layer. So does a ``Linear`` applied to a sequence (input of more than two
 dimensions, e.g. a transformer's tokens): its tokens share one weight as a conv's positions
 share one kernel.
+
+Two ways to run a layer: through Pyro (its weights are ``PyroSample`` sites, read by the
+model under the guide's trace), or handed its weights' Normals directly (:func:`drawn`),
+which is how :class:`pqnet.inference.elbo.MeanFieldELBO` computes the same loss without
+Pyro's traces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import pyro.distributions as dist
@@ -44,6 +51,40 @@ class _Normal(NamedTuple):
     value: weakref.ref
     loc: torch.Tensor
     scale: torch.Tensor
+
+
+class Drawn(NamedTuple):
+    """A weight handed to a layer directly: ``loc + eps * scale`` (the guide's
+    reparameterised draw), or ``loc`` alone when ``scale`` is ``None`` (no noise)."""
+
+    loc: torch.Tensor
+    scale: torch.Tensor | None = None
+    eps: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        return self.loc if self.scale is None else self.loc + self.eps * self.scale
+
+
+@contextlib.contextmanager
+def drawn(layers: dict[nn.Module, dict[str, Drawn]], local_reparam: bool) -> Iterator[None]:
+    """Run Bayesian ``layers`` on the given weights instead of their Pyro sample sites.
+
+    ``layers`` maps each layer to ``{"weight": Drawn, "bias": Drawn}`` (``bias`` only when
+    it is random). A ``Linear`` layer with noisy weights and 2-d inputs samples its
+    pre-activations when ``local_reparam`` (the same rule as under Pyro).
+    """
+    for layer, params in layers.items():
+        object.__setattr__(layer, "pqnet_drawn", (params, local_reparam))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__delattr__(layer, "pqnet_drawn")
+
+
+def _drawn_bias(layer: nn.Module, params: dict[str, Drawn]) -> Drawn | torch.Tensor | None:
+    """The layer's random bias, or its point-estimate bias (``None`` when it has none)."""
+    return params["bias"] if layer.bias_is_random else layer.bias
 
 
 class LocalReparameterization(Messenger):
@@ -96,6 +137,8 @@ class _LocalReparamLinear:
     bias_is_random: bool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "pqnet_drawn" in self.__dict__:
+            return self._forward_drawn(x, *self.__dict__["pqnet_drawn"])
         w, b = self.weight, self.bias
         lrt = _active_lrt()
         qw = lrt.normal_of(self._pyro_get_fullname("weight"), w) if lrt else None
@@ -107,10 +150,47 @@ class _LocalReparamLinear:
             if qb is None:
                 return F.linear(x, w, b)
             b_loc, b_var = qb.loc, qb.scale.square()
-        mean = F.linear(x, qw.loc, b_loc)
-        var = F.linear(x.square(), qw.scale.square(), b_var)
-        # clamp: zero inputs (ReLU) give zero variance and an infinite sqrt gradient
-        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        return _sampled_preactivation(x, qw.loc, qw.scale, b_loc, b_var)
+
+    def _forward_drawn(self, x: torch.Tensor, params: dict[str, Drawn],
+                       local_reparam: bool) -> torch.Tensor:
+        w, b = params["weight"], _drawn_bias(self, params)
+        if not local_reparam or w.scale is None or x.dim() > 2:
+            return F.linear(x, w.value(), b.value() if isinstance(b, Drawn) else b)
+        if isinstance(b, Drawn):
+            b_loc, b_var = b.loc, None if b.scale is None else b.scale.square()
+        else:
+            b_loc, b_var = b, None
+        return _sampled_preactivation(x, w.loc, w.scale, b_loc, b_var)
+
+
+def _sampled_preactivation(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                           b_loc: torch.Tensor | None, b_var: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b`` for ``W ~ N(loc, scale^2)``, ``b ~ N(b_loc, b_var)``, sampled per example
+    (the local reparameterisation)."""
+    mean = F.linear(x, loc, b_loc)
+    var = F.linear(x.square(), scale.square(), b_var)
+    # clamp: zero inputs (ReLU) give zero variance and an infinite sqrt gradient
+    return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+
+
+class _DrawnWeights:
+    """Forward pass of a Bayesian Conv / Embedding (a mixin over ``PyroModule[cls]``): the
+    layer's own forward, or, when weights were handed to it (:func:`drawn`), the same
+    computation on those."""
+
+    bias_is_random: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "pqnet_drawn" not in self.__dict__:
+            return super().forward(x)
+        params, _ = self.__dict__["pqnet_drawn"]
+        w = params["weight"].value()
+        if isinstance(self, nn.Embedding):
+            return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type,
+                               self.scale_grad_by_freq, self.sparse)
+        b = _drawn_bias(self, params)
+        return self._conv_forward(x, w, b.value() if isinstance(b, Drawn) else b)
 
 
 _CLASSES: dict[type, type] = {}
@@ -119,11 +199,9 @@ _CLASSES: dict[type, type] = {}
 def bayesian_class(cls: type[nn.Module]) -> type:
     """The Bayesian version of a layer class (cached, so pickling sees one class): a
     ``PyroModule[cls]`` whose sampled weights are used as they are, plus local
-    reparameterisation for ``Linear``."""
+    reparameterisation for ``Linear``; each can also run on weights handed to it
+    (:func:`drawn`)."""
     if cls not in _CLASSES:
-        if issubclass(cls, nn.Linear):
-            _CLASSES[cls] = type(f"Bayesian{cls.__name__}", (_LocalReparamLinear, PyroModule[cls]),
-                                 {})
-        else:
-            _CLASSES[cls] = PyroModule[cls]
+        mixin = _LocalReparamLinear if issubclass(cls, nn.Linear) else _DrawnWeights
+        _CLASSES[cls] = type(f"Bayesian{cls.__name__}", (mixin, PyroModule[cls]), {})
     return _CLASSES[cls]

@@ -7,8 +7,16 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroParam
 from torch.distributions import constraints
+
+
+def _logits(f: torch.Tensor) -> torch.Tensor:
+    if f.dim() != 2:
+        raise ValueError("module: a categorical likelihood needs outputs of shape "
+                         f"(batch, classes), but the network gives {tuple(f.shape)}")
+    return f
 
 
 class Categorical(PyroModule):
@@ -17,10 +25,14 @@ class Categorical(PyroModule):
     kind = "categorical"
 
     def forward(self, f: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if f.dim() != 2:
-            raise ValueError("module: a categorical likelihood needs outputs of shape "
-                             f"(batch, classes), but the network gives {tuple(f.shape)}")
-        return pyro.sample("obs", dist.Categorical(logits=f), obs=y)
+        return pyro.sample("obs", self.distribution(f), obs=y)
+
+    def distribution(self, f: torch.Tensor) -> dist.Distribution:
+        return dist.Categorical(logits=_logits(f))
+
+    def log_prob(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``sum_n log p(y_n | f_n)`` (what the ``obs`` site adds to the ELBO, unscaled)."""
+        return -F.cross_entropy(_logits(f), y, reduction="sum")
 
     def describe(self) -> dict:
         return {"kind": self.kind}
@@ -48,7 +60,14 @@ class Gaussian(PyroModule):
     def forward(self, f: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is not None:
             y = y.reshape(f.shape).to(f.dtype)
-        return pyro.sample("obs", dist.Normal(f, self.noise).to_event(f.dim() - 1), obs=y)
+        return pyro.sample("obs", self.distribution(f), obs=y)
+
+    def distribution(self, f: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(f, self.noise).to_event(f.dim() - 1)
+
+    def log_prob(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``sum_n log p(y_n | f_n)`` (what the ``obs`` site adds to the ELBO, unscaled)."""
+        return self.distribution(f).log_prob(y.reshape(f.shape).to(f.dtype)).sum()
 
     def describe(self) -> dict:
         return {"kind": self.kind, "noise": float(self.noise.detach())}

@@ -19,7 +19,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..inference.fit import _positive_int, batches
+from .._checks import positive_int as _positive_int
+from ..inference.batching import batches
 from ..inference.posterior import Posterior
 from ..inference.predictive import predict
 from ..quantize.qnet import QuantizedNet, weight_name

@@ -25,7 +25,8 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from .. import __version__
-from ..inference.fit import _positive_int, batches, check_dataset
+from .._checks import positive_int as _positive_int
+from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
 from ..quantize.qnet import QuantizedNet
 

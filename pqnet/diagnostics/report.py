@@ -34,8 +34,8 @@ from torch.utils.data import Dataset
 
 from .. import __version__
 from .. import data as datasets
+from .._checks import positive_int as _positive_int
 from .._io import atomic_write
-from ..inference.fit import _positive_int
 from ..inference.posterior import Posterior
 from ..quantize import QuantizedNet, quantize
 from ..quantize.qnet import FLOAT_BYTES

@@ -2,7 +2,9 @@
 predictive, and the checkpoint helpers (:mod:`pqnet.inference.checkpoint`)."""
 
 from . import checkpoint
-from .fit import DivergenceError, batches, fit, init_distributed
+from .batching import batches
+from .distributed import init_distributed
+from .fit import DivergenceError, fit
 from .posterior import Posterior
 from .predictive import evaluate, predict
 

@@ -10,8 +10,10 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
+from .._checks import device as check_device
+from .._checks import positive_int as _positive_int
 from ..diagnostics.metrics import classification_metrics, entropy
-from .fit import _positive_int, batches, check_device
+from .batching import batches
 from .posterior import Posterior
 
 Model = Posterior | nn.Module
@@ -80,9 +82,10 @@ def evaluate(model: Model, dataset: Dataset, num_samples: int = 32, seed: int = 
     Classification: ``accuracy``, ``nll`` (of the predictive mean), ``ece`` (15 bins),
     ``entropy`` (mean predictive entropy, nats) and ``mutual_information`` (its epistemic
     part). Regression: ``rmse`` of the predictive mean, ``nll`` (of the mixture
-    ``(1/S) sum_s N(y | f(x; w_s), noise^2)``) and ``epistemic_std`` (the spread of ``f``
-    over draws). Each draw is used on every batch, so the numbers are those of
-    ``num_samples`` whole networks.
+    ``(1/S) sum_s N(y | f(x; w_s), noise^2)``), ``epistemic_std`` (the spread of ``f``
+    over draws) and ``coverage_90`` (the share of targets inside the mixture's central 90 %
+    interval: ``0.05 <= (1/S) sum_s Phi((y - f_s) / noise) <= 0.95``). Each draw is used
+    on every batch, so the numbers are those of ``num_samples`` whole networks.
     """
     num_samples = _positive_int("num_samples", num_samples)
     batch_size = _positive_int("batch_size", batch_size)
@@ -106,9 +109,9 @@ def evaluate(model: Model, dataset: Dataset, num_samples: int = 32, seed: int = 
                 f = f.reshape(y.shape).double()
                 noise = float(model.likelihood.get("noise", 1.0)) if isinstance(
                     model, Posterior) else 1.0
-                log_lik = torch.distributions.Normal(f, noise).log_prob(y.double())
-                stats = {"f": f, "f2": f.square(),
-                         "log_lik": log_lik.reshape(len(y), -1).sum(-1)}
+                normal = torch.distributions.Normal(f, noise)
+                stats = {"f": f, "f2": f.square(), "cdf": normal.cdf(y.double()),
+                         "log_lik": normal.log_prob(y.double()).reshape(len(y), -1).sum(-1)}
             for k, v in stats.items():
                 parts.setdefault(k, []).append(v.cpu())
         for k, v in parts.items():
@@ -123,12 +126,13 @@ def evaluate(model: Model, dataset: Dataset, num_samples: int = 32, seed: int = 
             raise ValueError(f"dataset: labels must lie in [0, {sums['probs'].shape[-1]})")
         out = classification_metrics(sums["probs"] / draws, ys, sums["entropy"] / draws)
     else:
-        mean = sums["f"] / draws
+        mean, cdf = sums["f"] / draws, sums["cdf"] / draws
         out = {
             "rmse": float((mean - ys.reshape(mean.shape).double()).square().mean().sqrt()),
             "nll": float(-(sums["log_lik"] - math.log(draws)).mean()),
             "epistemic_std": float((sums["f2"] / draws - mean.square()).clamp_min(0)
                                     .sqrt().mean()),
+            "coverage_90": float(((cdf >= 0.05) & (cdf <= 0.95)).double().mean()),
         }
     out["num_samples"] = draws
     return out

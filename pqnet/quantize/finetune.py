@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
-from ..inference.fit import batches, check_dataset
+from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
 from .budget import check_int, check_nonnegative, check_seed
 from .qnet import QuantizedLayer, QuantizedNet, weight_name

@@ -293,8 +293,8 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
                                        .unique())}
         if r < len(schedule) - 1 and retrain_epochs:
             fitted = fit(bnn, data, epochs=retrain_epochs, batch_size=batch_size, lr=lr,
-                         scale_lr=scale_lr, seed=seed + r, kl_weight=kl_weight, device=device,
-                         progress=progress)
+                         scale_lr=scale_lr, seed=seed + r, kl_weight=kl_weight, warm_start=0,
+                         lr_schedule="constant", device=device, progress=progress)
             record["elbo"] = fitted.history[-1]["elbo"]
         record["seconds"] = time.perf_counter() - start
         rounds.append(record)

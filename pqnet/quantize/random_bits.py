@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
-from ..inference.fit import batches, check_dataset
+from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
 from .budget import check_avg_bits, check_int, check_nonnegative, check_seed, layer_posteriors
 from .grids import MAX_BITS, grid_layer, grid_levels, grid_scale, round_to_grid

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import TensorData
-from ..inference.fit import check_dataset
+from ..inference.batching import check_dataset
 from ..inference.posterior import Posterior
 from ..inference.predictive import evaluate
 from ..quantize.budget import (
