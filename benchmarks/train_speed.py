@@ -1,4 +1,4 @@
-"""Training speed of pqnet's BNN against plain PyTorch and bayesian-torch (issue 2).
+"""Training speed of pqnet's BNN against plain PyTorch and bayesian-torch (issues 2, 12).
 
 What is measured
 ----------------
@@ -8,43 +8,44 @@ one process, on the same minibatches in the same order (one ``torch.Generator`` 
 ``--seed``, a fresh permutation per epoch, ``--batch-size`` examples a batch: the order
 :func:`pqnet.fit` uses), for ``--epochs`` epochs, with Adam at ``--lr``:
 
-(a) **plain**: the deterministic net, cross-entropy loss;
-(b) **pqnet**: ``pqnet.fit(pqnet.bayesian(lenet5()), train, ...)``, the mean-field BNN
-    fitted by SVI (closed-form KL, local reparameterisation); its per-epoch seconds are
-    ``posterior.history[i]["seconds"]`` and the whole call is timed too;
+(a) **plain**: the deterministic net, cross-entropy loss, cosine schedule (as pqnet's);
+(b) **pqnet**: ``pqnet.fit(pqnet.bayesian(lenet5()), train, epochs=, batch_size=, lr=,
+    seed=)``: its defaults (a warm start of half the epochs, the KL weight chosen on a
+    validation tenth of the training data, then SVI with the closed-form KL and local
+    reparameterisation). Its SVI epoch seconds are ``posterior.history[i]["seconds"]``;
+    the whole call is timed too;
 (c) **bayesian-torch**: ``dnn_to_bnn(lenet5(), Flipout, prior N(0, 1), mu_init 0,
     rho_init -3)``, loss = CE + KL / N per batch, as in bayesian-torch's README.
 
-Timing: ``torch.set_num_threads(2)`` and ``OMP_WAIT_POLICY=PASSIVE`` (see the comment below
-the docstring). Each method first runs a short warm-up (one epoch on ``WARMUP_EXAMPLES``
-examples) that is discarded. Seconds per epoch is the mean over epochs 2..E (epoch 1 is
-reported separately and left out of the mean; the median is shown too). A step is the same
-work in every loop: slice the batch, zero the gradients, loss, backward, Adam step,
-``loss.item()`` (pqnet's fit also evaluates the KL for its history).
-Ratios are pqnet / plain and bayesian-torch / plain of those means.
+Timing: torch's own thread settings (what users run with); ``OMP_WAIT_POLICY`` and
+``--threads`` are recorded and may be set for a comparison. Each method first runs a short
+warm-up (one epoch on ``WARMUP_EXAMPLES`` examples) that is discarded. Seconds per epoch is
+the mean over epochs 2..E of each loop (pqnet: its SVI epochs); the median is shown too. A
+step is the same work in every loop: slice the batch, zero the gradients, loss, backward,
+Adam step, ``loss.item()``. Ratios are pqnet SVI epoch / plain epoch and bayesian-torch /
+plain, and pqnet's whole ``fit()`` call / (epochs x plain epoch).
+
+``--profile`` adds the step profile: milliseconds per step of the plain net, of pqnet's
+loss (:class:`pqnet.inference.elbo.MeanFieldELBO`) and of Pyro's
+:class:`~pyro.infer.TraceMeanField_ELBO` on the same BNN (the reference the fast loss is
+tested against, and what ``fit`` ran before), split into forward+loss, backward and Adam.
 
 Quality on the test set: accuracy, NLL and ECE (15 bins) of the predictive mean. The plain
 net is one network; pqnet's posterior and the bayesian-torch net average the softmax of
-``--num-samples`` weight draws (``pqnet.evaluate``; for bayesian-torch, as many Flipout
-forward passes, scored with ``pqnet.diagnostics.metrics.classification_metrics``).
+``--num-samples`` weight draws.
 
-Targets (reported, not asserted): pqnet's epoch <= 2.0x the plain one; the BNN's accuracy
->= plain - 0.3 pp and its ECE <= plain's.
+Targets (reported, not asserted): pqnet's SVI epoch <= 2.0x the plain one; the BNN's
+accuracy >= plain - 0.3 pp and its ECE <= plain's.
 
-    python benchmarks/train_speed.py --data-dir ../shared/data/mnist --json bench.json
+    python benchmarks/train_speed.py --data-dir ../shared/data/mnist --profile --json OUT
 """
 
 from __future__ import annotations
 
-import os
-
-# Threads that wait passively: on a shared 2-core machine, OpenMP's default spin-waiting
-# makes torch's 2 threads fight any other busy process, and an epoch of (a) then took 20-35 s
-# instead of 0.6-0.9 s. It must be set before torch loads OpenMP; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import datetime
+import math
+import os
 import platform
 import statistics
 import time
@@ -78,10 +79,13 @@ def steady_mean(seconds: list[float]) -> float:
 
 
 def timed_epochs(net, train, loss_fn, epochs: int, batch_size: int, lr: float,
-                 seed: int) -> list[float]:
+                 seed: int, cosine: bool = False) -> list[float]:
     """Train ``net`` with Adam on ``loss_fn(net, x, y)`` over pqnet.fit's batches; return the
     seconds of each epoch. ``loss.item()`` each step, as pqnet.fit does, so both pay it."""
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    total = epochs * -(-len(train) // batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0)
     order = epoch_order(seed)
     seconds = []
     net.train()
@@ -92,6 +96,7 @@ def timed_epochs(net, train, loss_fn, epochs: int, batch_size: int, lr: float,
             loss = loss_fn(net, x, y)
             loss.backward()
             optimizer.step()
+            schedule.step()
             loss.item()
         seconds.append(time.perf_counter() - start)
     net.eval()
@@ -99,11 +104,12 @@ def timed_epochs(net, train, loss_fn, epochs: int, batch_size: int, lr: float,
 
 
 def train_plain(train, epochs: int, batch_size: int, lr: float, seed: int):
-    """Adam + cross-entropy on the deterministic LeNet-5; returns (net, seconds per epoch)."""
+    """Adam + cross-entropy on the deterministic LeNet-5, cosine schedule; returns (net,
+    seconds per epoch)."""
     torch.manual_seed(seed)
     net = pqnet.models.lenet5()
     seconds = timed_epochs(net, train, lambda net, x, y: F.cross_entropy(net(x), y), epochs,
-                           batch_size, lr, seed)
+                           batch_size, lr, seed, cosine=True)
     return net, seconds
 
 
@@ -111,7 +117,8 @@ def train_plain(train, epochs: int, batch_size: int, lr: float, seed: int):
 
 
 def train_pqnet(train, epochs: int, batch_size: int, lr: float, seed: int):
-    """pqnet's BNN from the same initial weights; returns (posterior, seconds, whole call)."""
+    """pqnet's BNN from the same initial weights, fit's defaults; returns (posterior, SVI
+    seconds per epoch, whole call)."""
     torch.manual_seed(seed)
     bnn = pqnet.bayesian(pqnet.models.lenet5())
     start = time.perf_counter()
@@ -168,6 +175,64 @@ def evaluate_stochastic(net, test, num_samples: int, seed: int, batch_size: int 
     out = classification_metrics(probs / num_samples, labels, sample_entropy / num_samples)
     out["num_samples"] = num_samples
     return out
+
+
+# --------------------------------------------------------------------------- step profile
+
+
+def step_profile(train, batch_size: int, lr: float, steps: int = 200) -> dict:
+    """Milliseconds per step, split into forward+loss, backward and Adam, of the plain
+    LeNet-5, pqnet's MeanFieldELBO and Pyro's TraceMeanField_ELBO on the same BNN and the
+    same batch (medians over ``steps`` steps after 20 discarded)."""
+    import pyro
+    from pyro.infer import TraceMeanField_ELBO
+
+    from pqnet.inference.elbo import MeanFieldELBO
+
+    x, y = train.x[:batch_size], train.y[:batch_size]
+    n = len(train)
+
+    def plain():
+        torch.manual_seed(0)
+        net = pqnet.models.lenet5()
+        return net.parameters(), lambda: F.cross_entropy(net(x), y)
+
+    def bnn_loss(make):
+        torch.manual_seed(0)
+        bnn = pqnet.bayesian(pqnet.models.lenet5())
+        bnn.kl_weight = 0.01
+        loss = make(bnn)
+        return bnn.parameters(), lambda: loss(x, y, dataset_size=n)
+
+    loops = {"plain": plain(), "pqnet MeanFieldELBO": bnn_loss(MeanFieldELBO),
+             "Pyro TraceMeanField_ELBO": bnn_loss(lambda b: TraceMeanField_ELBO()(b, b.guide))}
+    profile = {}
+    with pyro.validation_enabled(False):
+        for name, (params, loss_fn) in loops.items():
+            optimizer = torch.optim.Adam(params, lr=lr)
+            parts = {"forward": [], "backward": [], "adam": []}
+            for i in range(steps + 20):
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn()
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                optimizer.step()
+                loss.item()
+                t3 = time.perf_counter()
+                if i >= 20:
+                    for part, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                        parts[part].append(1e3 * dt)
+            profile[name] = {part: statistics.median(v) for part, v in parts.items()}
+            profile[name]["step"] = sum(profile[name].values())
+    base = profile["plain"]["step"]
+    print(f"\nstep profile (ms, medians of {steps} steps, batch {batch_size}):")
+    print(f"{'loop':<26}{'forward':>9}{'backward':>10}{'adam':>8}{'step':>8}{'x plain':>9}")
+    for name, p in profile.items():
+        print(f"{name:<26}{p['forward']:>9.2f}{p['backward']:>10.2f}{p['adam']:>8.2f}"
+              f"{p['step']:>8.2f}{p['step'] / base:>9.2f}")
+    return profile
 
 
 # --------------------------------------------------------------------------- driver
@@ -238,14 +303,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=32,
                         help="weight draws for the BNNs' test metrics (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="also the per-step profile")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write all figures here")
     args = parser.parse_args(argv)
     for name in ("epochs", "batch_size", "num_samples", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP's default)")
     load_before = os.getloadavg()
     if load_before[0] > 0.5:
         print(f"warning: load average {load_before[0]:.2f} before the run: other processes "
@@ -254,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(train.note)
     print(f"LeNet-5, {args.epochs} epochs, batch {args.batch_size}, Adam lr {args.lr}, "
           f"seed {args.seed}, {torch.get_num_threads()} threads "
-          f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), torch {torch.__version__}\n")
+          f"(OMP_WAIT_POLICY {wait_policy}), torch {torch.__version__}\n")
     skipped: dict[str, str] = {}
     why = bayesian_torch_available()
     if why is not None:
@@ -270,7 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
     posterior, pqnet_s, call = train_pqnet(train, *common)
     metrics = pqnet.evaluate(posterior, test, num_samples=args.num_samples, seed=args.seed)
     rows["pqnet"] = row("pqnet", pqnet_s, metrics, plain_epoch, call_seconds=call,
-                        call_seconds_per_epoch=call / args.epochs)
+                        call_seconds_per_epoch=call / args.epochs,
+                        call_ratio_to_plain=call / (args.epochs * plain_epoch),
+                        kl_weight=posterior.config["kl_weight"],
+                        warm_start_epochs=posterior.config["warm_start"])
 
     if "bayesian-torch" not in skipped:
         bt_net, bt_s = train_bayesian_torch(train, *common)
@@ -280,21 +351,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     print_table(list(rows.values()), skipped)
     which = f"epochs 2..{args.epochs}" if args.epochs > 1 else "the only epoch"
-    print(f"\ns/epoch: mean over {which} after a discarded warm-up; "
-          f"pqnet's whole fit() call took {call:.2f} s ({call / args.epochs:.3f} s/epoch)")
+    print(f"\ns/epoch: mean over {which} after a discarded warm-up (pqnet: its "
+          f"{len(pqnet_s)} SVI epochs); pqnet's whole fit() call took {call:.2f} s, "
+          f"{rows['pqnet']['call_ratio_to_plain']:.2f}x {args.epochs} plain epochs "
+          f"(KL weight {posterior.config['kl_weight']:g} chosen on validation)")
     targets = check_targets(rows)
+    profile = step_profile(train, args.batch_size, args.lr) if args.profile else None
 
     result = dict(
         benchmark="train_speed", date=datetime.datetime.now().isoformat(timespec="seconds"),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-                     torch=torch.__version__, omp_wait_policy=os.environ["OMP_WAIT_POLICY"],
+                     torch=torch.__version__, omp_wait_policy=wait_policy,
                      load_average_before=load_before,
                      load_average_after=os.getloadavg()),
         data=dict(train=len(train), test=len(test), note=train.note),
         config=dict(vars(args), json=str(args.json) if args.json else None,
                     warmup_examples=WARMUP_EXAMPLES, per_epoch_mean=which),
-        rows=rows, skipped=skipped, targets=targets,
+        rows=rows, skipped=skipped, targets=targets, step_profile=profile,
     )
     if args.json:
         save_json(result, args.json)

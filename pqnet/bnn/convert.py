@@ -135,25 +135,44 @@ class BNN(PyroModule):
         module_path, _, param = site.removeprefix("net.").rpartition(".")
         return self.net.get_submodule(module_path), param
 
-    def kl(self) -> torch.Tensor:
-        """``KL(q || p)`` in closed form, summed over all random weights (not scaled): per
-        weight, with ``r = sigma / s``,
+    def prior_parameters(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prior's mean and scale of ``site`` (scalars, or tensors of its shape)."""
+        layer, param = self.site_layer(site)
+        return getattr(layer, f"{param}_prior_loc"), getattr(layer, f"{param}_prior_scale")
 
-        .. math:: \\tfrac12\\big(r^2 + ((\\mu - m)/s)^2 - 1 - \\log r^2\\big),
-
-        the formula of :func:`torch.distributions.kl_divergence` for two Normals, without
-        building a distribution per site. A fixed weight (:meth:`fix`) has ``r = 1`` and
-        ``mu = m``: its term is exactly 0.
-        """
+    def kl(self, locs: dict[str, torch.Tensor] | None = None,
+           variances: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``KL(q || p)`` in closed form, summed over all random weights (not scaled); the
+        guide's current means and variances unless ``locs`` / ``variances`` (by site) are
+        given."""
         total = torch.zeros((), device=next(iter(self.guide.loc.values())).device)
         for site in self.sites:
-            layer, param = self.site_layer(site)
-            prior_loc = getattr(layer, f"{param}_prior_loc")
-            prior_scale = getattr(layer, f"{param}_prior_scale")
-            ratio = (self.guide.scale_of(site) / prior_scale).square()
-            shift = ((self.guide.loc_of(site) - prior_loc) / prior_scale).square()
-            total = total + 0.5 * (ratio + shift - 1 - ratio.log()).sum()
+            loc = self.guide.loc_of(site) if locs is None else locs[site]
+            var = self.guide.scale_of(site).square() if variances is None else variances[site]
+            total = total + normal_kl(loc, var, *self.prior_parameters(site))
         return total
+
+
+def normal_kl(loc: torch.Tensor, var: torch.Tensor, prior_loc: torch.Tensor,
+              prior_scale: torch.Tensor) -> torch.Tensor:
+    """``sum_i KL(N(mu_i, sigma_i^2) || N(m_i, s_i^2))`` in closed form, ``var = sigma^2``,
+
+    .. math:: \\sum_i \\log\\frac{s_i}{\\sigma_i}
+        + \\frac{\\sigma_i^2 + (\\mu_i - m_i)^2}{2 s_i^2} - \\frac12;
+
+    under a layer's scalar prior scale the sums come before the division: a few passes over
+    the weights a step. A fixed weight (:meth:`BNN.fix`) has ``sigma = s`` and ``mu = m``:
+    its term is exactly 0.
+    """
+    n = loc.numel()
+    if prior_scale.dim() == 0:
+        shift = torch.linalg.vector_norm(loc - prior_loc).square()
+        quadratic = (var.sum() + shift) / (2 * prior_scale.square())
+        log_ratio = n * prior_scale.log() - 0.5 * var.log().sum()
+    else:
+        quadratic = ((var + (loc - prior_loc).square()) / (2 * prior_scale.square())).sum()
+        log_ratio = (prior_scale.log() - 0.5 * var.log()).sum()
+    return log_ratio + quadratic - n / 2
 
 
 def bayesian(

@@ -54,15 +54,23 @@ class _Normal(NamedTuple):
 
 
 class Drawn(NamedTuple):
-    """A weight handed to a layer directly: ``loc + eps * scale`` (the guide's
-    reparameterised draw), or ``loc`` alone when ``scale`` is ``None`` (no noise)."""
+    """A weight handed to a layer directly: ``loc + eps * scale`` (a reparameterised draw;
+    ``eps ~ N(0, I)`` drawn when the layer asks, unless given), or ``loc`` alone when
+    ``scale`` is ``None`` (no noise)."""
 
     loc: torch.Tensor
     scale: torch.Tensor | None = None
     eps: torch.Tensor | None = None
+    var: torch.Tensor | None = None  # scale ** 2, when the caller has it
+
+    def variance(self) -> torch.Tensor:
+        return self.scale.square() if self.var is None else self.var
 
     def value(self) -> torch.Tensor:
-        return self.loc if self.scale is None else self.loc + self.eps * self.scale
+        if self.scale is None:
+            return self.loc
+        eps = torch.randn_like(self.loc) if self.eps is None else self.eps
+        return self.loc + eps * self.scale
 
 
 @contextlib.contextmanager
@@ -150,7 +158,7 @@ class _LocalReparamLinear:
             if qb is None:
                 return F.linear(x, w, b)
             b_loc, b_var = qb.loc, qb.scale.square()
-        return _sampled_preactivation(x, qw.loc, qw.scale, b_loc, b_var)
+        return _sampled_preactivation(x, qw.loc, qw.scale.square(), b_loc, b_var)
 
     def _forward_drawn(self, x: torch.Tensor, params: dict[str, Drawn],
                        local_reparam: bool) -> torch.Tensor:
@@ -158,18 +166,18 @@ class _LocalReparamLinear:
         if not local_reparam or w.scale is None or x.dim() > 2:
             return F.linear(x, w.value(), b.value() if isinstance(b, Drawn) else b)
         if isinstance(b, Drawn):
-            b_loc, b_var = b.loc, None if b.scale is None else b.scale.square()
+            b_loc, b_var = b.loc, None if b.scale is None else b.variance()
         else:
             b_loc, b_var = b, None
-        return _sampled_preactivation(x, w.loc, w.scale, b_loc, b_var)
+        return _sampled_preactivation(x, w.loc, w.variance(), b_loc, b_var)
 
 
-def _sampled_preactivation(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+def _sampled_preactivation(x: torch.Tensor, loc: torch.Tensor, w_var: torch.Tensor,
                            b_loc: torch.Tensor | None, b_var: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + b`` for ``W ~ N(loc, scale^2)``, ``b ~ N(b_loc, b_var)``, sampled per example
+    """``x W^T + b`` for ``W ~ N(loc, w_var)``, ``b ~ N(b_loc, b_var)``, sampled per example
     (the local reparameterisation)."""
     mean = F.linear(x, loc, b_loc)
-    var = F.linear(x.square(), scale.square(), b_var)
+    var = F.linear(x.square(), w_var, b_var)
     # clamp: zero inputs (ReLU) give zero variance and an infinite sqrt gradient
     return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
 

@@ -4,10 +4,11 @@ the means (the warm start).
 :class:`MeanFieldELBO` is the loss of Pyro's :class:`~pyro.infer.TraceMeanField_ELBO` on a
 :class:`~pqnet.bnn.BNN`, computed without Pyro's traces: the guide's Normals are handed to
 the layers directly (:func:`pqnet.bnn.layers.drawn`) and the KL is one closed-form sum.
-Pyro stays the model's language and the reference: the same seed gives Pyro's loss and
-gradients (``tests/test_fit.py`` compares them), because the noise is drawn in Pyro's order
-(every site's ``eps`` in the guide's order, then the layers' local-reparameterisation
-noise in the forward order).
+Pyro stays the model's language and the reference (``tests/test_fit.py`` compares them):
+without local reparameterisation the same seed gives Pyro's loss and gradients, since a
+sequential network's layers ask for their weights in the guide's order; with it, where
+Pyro also draws the weights its Linear layers never use, the two agree in distribution
+(their mean loss and gradients over many seeds).
 """
 
 from __future__ import annotations
@@ -28,27 +29,19 @@ class _BNNLoss(nn.Module):
         self.bnn = bnn
         self._sites = [(site, *bnn.site_layer(site)) for site in bnn.sites]
 
-    def _weights(self, noisy: bool) -> dict[nn.Module, dict[str, Drawn]]:
-        guide, layers = self.bnn.guide, {}
-        for site, layer, param in self._sites:
-            loc = guide.loc_of(site)
-            if noisy:
-                scale = guide.scale_of(site)
-                weight = Drawn(loc, scale, torch.randn(loc.shape, dtype=loc.dtype,
-                                                       device=loc.device))
-            else:
-                weight = Drawn(loc)
-            layers.setdefault(layer, {})[param] = weight
-        return layers
-
     def nll(self, x: torch.Tensor, y: torch.Tensor, dataset_size: int | None,
-            noisy: bool) -> torch.Tensor:
-        """``-(N / B) sum_n log p(y_n | x_n, w)`` for one draw ``w`` (the means when not
-        ``noisy``)."""
-        with drawn(self._weights(noisy), self.bnn.local_reparam):
+            weights: dict[nn.Module, dict[str, Drawn]]) -> torch.Tensor:
+        """``-(N / B) sum_n log p(y_n | x_n, w)`` for the network on ``weights``."""
+        with drawn(weights, self.bnn.local_reparam):
             f = self.bnn.net(x)
         scale = (len(x) if dataset_size is None else dataset_size) / len(x)
         return -scale * self.bnn.likelihood.log_prob(f, y)
+
+    def _by_layer(self, make) -> dict[nn.Module, dict[str, Drawn]]:
+        layers: dict[nn.Module, dict[str, Drawn]] = {}
+        for site, layer, param in self._sites:
+            layers.setdefault(layer, {})[param] = make(site)
+        return layers
 
 
 class MeanFieldELBO(_BNNLoss):
@@ -62,8 +55,11 @@ class MeanFieldELBO(_BNNLoss):
         \\qquad w_s \\sim q,
 
     ``S = num_particles``, ``beta = bnn.kl_weight``, the KL in closed form
-    (:meth:`~pqnet.bnn.BNN.kl`). Linear layers sample their pre-activations (local
-    reparameterisation) when ``bnn.local_reparam``.
+    (:func:`~pqnet.bnn.convert.normal_kl`, from the same means and variances the draws
+    use).
+    Linear layers sample their pre-activations (local reparameterisation) when
+    ``bnn.local_reparam``; a weight is drawn only where a layer uses it, in the order the
+    forward pass asks for it.
     """
 
     def __init__(self, bnn: BNN, num_particles: int = 1) -> None:
@@ -72,8 +68,13 @@ class MeanFieldELBO(_BNNLoss):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 dataset_size: int | None = None) -> torch.Tensor:
-        nll = sum(self.nll(x, y, dataset_size, noisy=True) for _ in range(self.num_particles))
-        return nll / self.num_particles + self.bnn.kl_weight * self.bnn.kl()
+        guide = self.bnn.guide
+        locs = {site: guide.loc_of(site) for site in self.bnn.sites}
+        scales = {site: guide.scale_of(site) for site in self.bnn.sites}
+        variances = {site: scale.square() for site, scale in scales.items()}
+        weights = self._by_layer(lambda s: Drawn(locs[s], scales[s], var=variances[s]))
+        nll = sum(self.nll(x, y, dataset_size, weights) for _ in range(self.num_particles))
+        return nll / self.num_particles + self.bnn.kl_weight * self.bnn.kl(locs, variances)
 
 
 class MeansLikelihood(_BNNLoss):
@@ -83,4 +84,5 @@ class MeansLikelihood(_BNNLoss):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 dataset_size: int | None = None) -> torch.Tensor:
-        return self.nll(x, y, dataset_size, noisy=False)
+        weights = self._by_layer(lambda site: Drawn(self.bnn.guide.loc_of(site)))
+        return self.nll(x, y, dataset_size, weights)
