@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -64,6 +65,10 @@ def test_failed_write_keeps_the_old_file_whole_and_leaves_no_litter(tmp_path):
     before = path.read_bytes()
 
     def write(tmp):
+        # the temporary file is hidden, beside the target (same file system: the rename is
+        # atomic) and named after it, so a reader or a cleaner can tell it apart
+        assert tmp.parent == path.parent
+        assert tmp.name.startswith(".result.pt.") and tmp.name.endswith(".tmp")
         with open(tmp, "wb") as f:
             f.write(b"half a file")  # bytes reach the temporary file ...
             f.flush()
@@ -94,6 +99,16 @@ def test_interrupt_during_write_also_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+def test_the_writers_own_error_propagates_even_when_it_removed_the_temporary_file(tmp_path):
+    def write(tmp):
+        tmp.unlink()
+        raise OSError("the serialiser's own error")
+
+    with pytest.raises(OSError, match="^the serialiser's own error$"):
+        atomic_write(tmp_path / "x.bin", write)
+    assert not list(tmp_path.iterdir())
+
+
 def test_atomic_write_creates_folders_and_an_ordinary_file(tmp_path):
     path = tmp_path / "deep" / "er" / "x.json"
     old = os.umask(0o022)
@@ -118,7 +133,8 @@ def test_versioned_json_header_and_errors(tmp_path):
                                                           "version": 3, "x": 1}
     with pytest.raises(ValueError, match=r"^where: .* version 3; this pqnet reads version 4"):
         load_json(path, "thing", "pqnet.thing", 4, argument="where")
-    with pytest.raises(ValueError, match=r"^path: .* is not a pqnet thing file"):
+    with pytest.raises(ValueError, match=f"^path: {re.escape(str(path))} is not a pqnet thing "
+                                         "file$"):
         load_json(path, "thing", "pqnet.other", 3)
     with pytest.raises(ValueError, match="^file_format: needs a dict obj and a version$"):
         save_json([1], path, file_format="pqnet.thing", version=1)
@@ -136,8 +152,10 @@ def test_torch_file_errors_name_the_argument(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^ckpt: no model file at"):
         load_torch(tmp_path / "none.pt", "model", "f", 1, argument="ckpt")
     (tmp_path / "junk.pt").write_bytes(b"\x00not a pickle")
-    with pytest.raises(ValueError, match=r"^path: .* is not a readable pqnet model"):
+    with pytest.raises(ValueError, match=r"^path: .* is not a readable pqnet model") as err:
         load_torch(tmp_path / "junk.pt", "model", "f", 1)
+    cause = err.value.__cause__  # the unpickler's own error, named in the message
+    assert cause is not None and f"{type(cause).__name__}: {cause}" in str(err.value)
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="is not a pqnet model file"):
         load_torch(tmp_path / "list.pt", "model", "f", 1)
@@ -145,6 +163,10 @@ def test_torch_file_errors_name_the_argument(tmp_path):
     with pytest.raises(ValueError, match="has model format version 2; this pqnet reads version 1"):
         load_torch(tmp_path / "v2.pt", "model", "f", 1)
     assert load_torch(tmp_path / "v2.pt", "model", "f", 2) == {"format": "f", "version": 2}
+    # map_location reaches torch.load: tensors come back on the device asked for
+    save_torch({"format": "f", "version": 1, "t": torch.ones(3)}, tmp_path / "t.pt")
+    assert load_torch(tmp_path / "t.pt", "model", "f", 1, map_location="meta")["t"].is_meta
+    assert load_torch(tmp_path / "t.pt", "model", "f", 1)["t"].device.type == "cpu"
 
 
 # --------------------------------------------------------------------------- budget rules

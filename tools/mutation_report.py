@@ -57,14 +57,18 @@ def main() -> int:
              f"{'other':>5} {'score':>7}"
     print(header)
     total = dict.fromkeys(rows[0][1], 0)
-    for module, c in rows + [("TOTAL", total)]:
-        if module != "TOTAL":
+    skipped = [m for m, c in rows if c["not run"] == c["generated"]]
+    rows = [(m, c) for m, c in rows if m not in skipped]
+    for module, c in rows + [("TOTAL (run)", total)]:
+        if module != "TOTAL (run)":
             for k in total:
                 total[k] += c[k]
         run = c["generated"] - c["equivalent"] - c["not run"]
         score = f"{100 * c['killed'] / run:6.1f}%" if run else "     -"
         print(f"{module:40} {c['generated']:5} {c['killed']:6} {c['equivalent']:5} "
               f"{c['survived']:5} {c['not run']:6} {c['other']:5} {score:>7}")
+    if skipped:
+        print("\nnot run yet: " + ", ".join(skipped))
     if args.survivors:
         print("\nsurvivors:")
         for name in survivors:
