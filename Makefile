@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 MNIST   ?= ../shared/data/mnist
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean mutation mutation-report
 
 .venv/.installed: setup.cfg pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -25,7 +25,7 @@ demo: .venv/.installed
 	$(PY) -m pqnet demo
 
 test: .venv/.bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --randomly-seed=2026
 
 bench: .venv/.bench
 	$(PY) benchmarks/train_speed.py --data-dir $(MNIST)
@@ -35,8 +35,29 @@ bench: .venv/.bench
 		--plot benchmarks/quantize_lenet5.png --no-progress
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/pwfn_scale.py --json benchmarks/pwfn_scale.json
 
+# Mutation testing of the core (not part of `make test`; see TESTING.md). One mutmut run per
+# group of modules, the core first; pqnet.inference and pqnet.bnn last. Results are cached in
+# mutants/ (a rerun checks only new or changed functions). Pick groups with
+# `make mutation MUTATE='pqnet._io.* pqnet.quantize.budget.*'`; JOBS mutants run at once.
+MUTMUT  := .venv/bin/mutmut
+JOBS    ?= 1
+MUTATE  ?= pqnet._io.* pqnet.quantize.* pqnet.diagnostics.* pqnet.inference.* pqnet.bnn.*
+
+.venv/.mutmut: .venv/.bench
+	$(PIP) install -q -c constraints.txt mutmut==3.8.1
+	touch $@
+
+mutation: .venv/.mutmut
+	for group in $(MUTATE); do \
+		OMP_NUM_THREADS=1 $(MUTMUT) run --max-children $(JOBS) "$$group" || exit 1; \
+	done
+	$(PY) tools/mutation_report.py
+
+mutation-report:
+	$(PY) tools/mutation_report.py --survivors
+
 lint: .venv/.installed
 	$(PY) -m ruff check pqnet tests benchmarks
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv build *.egg-info mutants

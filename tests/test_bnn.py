@@ -141,7 +141,9 @@ def test_convolutions_draw_one_kernel_per_minibatch():
     with torch.no_grad():
         out = draw_outputs(bnn, torch.ones(2, 1, 5, 5))
     assert torch.equal(out[0], out[1])
-    assert out[0, :9].std() == 0  # every position of a channel saw the same kernel
+    # every position of a channel saw the same kernel: equal up to float32 summation order
+    # (independent draws per position would spread them by ~ 0.5 * 3 = 1.5)
+    assert out[0, :9].std() <= 1e-6 * out[0, :9].abs().max()
 
 
 def test_conv1d_is_bayesian_too():

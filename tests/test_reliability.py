@@ -16,7 +16,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +68,32 @@ FIT = ["fit", "--model", "digits_cnn", "--data", "digits", "--epochs", str(EPOCH
        "--batch-size", "32", "--lr", "0.01", "--num-samples", "2", "--no-progress"]
 
 
+MID_EPOCH_STEP = 3
+"""The killed run stops at this step of its second epoch (digits: 45 steps an epoch)."""
+
+# ``pqnet fit`` as a user runs it, plus one observer: a global optimizer step hook (public
+# PyTorch API, no change to pqnet) that, at the MID_EPOCH_STEP-th step after the first
+# checkpoint exists, prints a line and waits to be killed. The parent kills on that line,
+# so the kill lands mid-epoch by construction, not by timing.
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from pqnet.cli import main
+ckpt, stop = Path(sys.argv[1]), int(sys.argv[2])
+after = 0
+def observe(optimizer, args, kwargs):
+    global after
+    if (ckpt / "fit.pt").exists():
+        after += 1
+        if after == stop:
+            print("mid-epoch", flush=True)
+            time.sleep(600)
+register_optimizer_step_post_hook(observe)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, capsys):
     """Kill ``pqnet fit`` with SIGKILL part-way through an epoch, resume it in a new process:
     the posterior and every epoch's ELBO equal those of an uninterrupted fit bit for bit, and
@@ -76,21 +101,20 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, capsys):
     ckpt, out = tmp_path / "ckpt", tmp_path / "killed"
     command = [sys.executable, "-m", "pqnet", *FIT, "--out", str(out), "--checkpoint-dir",
                str(ckpt)]
-    killed = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (ckpt / CHECKPOINT).exists():  # the first epoch is done
-        assert killed.poll() is None, "the fit ended before it wrote a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint after 240 s"
-        time.sleep(0.01)
-    time.sleep(0.1)  # into the next epoch (about 0.3 s each)
-    assert killed.poll() is None, "the fit ended before it could be killed"
-    killed.send_signal(signal.SIGKILL)
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(ckpt),
+                               str(MID_EPOCH_STEP), *command[3:]], env=ENV, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = iter(killed.stdout.readline, "")  # until the child is mid-epoch (or ends)
+        assert "mid-epoch\n" in lines, "the fit ended before its second epoch"
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.stdout.close()
     assert killed.wait() == -signal.SIGKILL
 
     state = load_checkpoint(ckpt / CHECKPOINT, "fit")  # whole: the write is atomic
     done = state["epoch"]
-    assert 1 <= done < EPOCHS
+    assert done == 1  # killed in epoch 2, at its step MID_EPOCH_STEP
     assert not (out / "posterior.pt").exists()
     assert len(pqnet.Posterior.load(ckpt / CHECKPOINT_POSTERIOR).history) in (done, done + 1)
 

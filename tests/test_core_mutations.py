@@ -1,0 +1,486 @@
+"""Known answers for pqnet's core arithmetic: the tests that kill the mutants `make mutation`
+found alive (see TESTING.md).
+
+Every expected value here is computed by hand or in closed form, never by the code under
+test: the atomic write keeps the old file when the serialiser fails mid-write; each budget
+rule at its boundary; each byte of a layer's accounting; HDI coverage and z-scores weighted
+by the number of weights; the mutual information, ECE, KL and AUROC of cases small enough to
+work out on paper.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import pqnet
+from pqnet._io import atomic_write, load_json, load_torch, save_json, save_torch
+from pqnet.bnn import LayerInfo
+from pqnet.diagnostics.analysis import (
+    analyze,
+    bits_sigma_correlation,
+    entropy_auroc,
+    hdi_coverage,
+    layer_table,
+    predictive_divergence,
+    reliability,
+    z_scores,
+)
+from pqnet.diagnostics.metrics import classification_metrics, entropy, expected_calibration_error
+from pqnet.quantize import QuantizedLayer, QuantizedNet
+from pqnet.quantize.budget import (
+    check_avg_bits,
+    check_bits,
+    check_flag,
+    check_int,
+    check_nonnegative,
+    check_seed,
+    layer_posteriors,
+    meet_budget,
+    one_of,
+)
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+class FailsMidWrite:
+    """Pickles as a few bytes, then raises: a serialiser that dies half-way through."""
+
+    def __reduce__(self):
+        raise RuntimeError("serialiser failed")
+
+
+def test_failed_write_keeps_the_old_file_whole_and_leaves_no_litter(tmp_path):
+    path = tmp_path / "result.pt"
+    save_torch({"format": "t", "version": 1, "x": torch.arange(5)}, path)
+    before = path.read_bytes()
+
+    def write(tmp):
+        # the temporary file is hidden, beside the target (same file system: the rename is
+        # atomic) and named after it, so a reader or a cleaner can tell it apart
+        assert tmp.parent == path.parent
+        assert tmp.name.startswith(".result.pt.") and tmp.name.endswith(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")  # bytes reach the temporary file ...
+            f.flush()
+            raise OSError("disk full")  # ... then the write fails
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, write)
+    assert path.read_bytes() == before
+    with pytest.raises(RuntimeError, match="serialiser failed"):
+        save_torch({"format": "t", "version": 1, "x": [1, 2, FailsMidWrite()]}, path)
+    assert path.read_bytes() == before
+    assert torch.equal(load_torch(path, "test", "t", 1)["x"], torch.arange(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.pt"]  # no .tmp left
+
+
+def test_interrupt_during_write_also_keeps_the_old_file(tmp_path):
+    """KeyboardInterrupt is a BaseException, not an Exception: it must not leave litter."""
+    path = tmp_path / "a.json"
+    save_json({"a": 1}, path)
+
+    def write(tmp):
+        tmp.write_text('{"a": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, write)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_the_writers_own_error_propagates_even_when_it_removed_the_temporary_file(tmp_path):
+    def write(tmp):
+        tmp.unlink()
+        raise OSError("the serialiser's own error")
+
+    with pytest.raises(OSError, match="^the serialiser's own error$"):
+        atomic_write(tmp_path / "x.bin", write)
+    assert not list(tmp_path.iterdir())
+
+
+def test_atomic_write_creates_folders_and_an_ordinary_file(tmp_path):
+    path = tmp_path / "deep" / "er" / "x.json"
+    old = os.umask(0o022)
+    try:
+        assert save_json([1, 2], path) == path
+    finally:
+        os.umask(old)
+    assert json.loads(path.read_text()) == [1, 2]
+    assert path.read_text().endswith("]\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # 0666 less the umask, not mkstemp's 0600
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_json([1], tmp_path / "deep")
+
+
+def test_versioned_json_header_and_errors(tmp_path):
+    path = tmp_path / "v.json"
+    save_json({"x": 1}, path, file_format="pqnet.thing", version=3)
+    assert path.read_text() == '{\n  "format": "pqnet.thing",\n  "version": 3,\n  "x": 1\n}\n'
+    save_json({"b": [1], "a": 2}, tmp_path / "order.json")  # indented, keys in their order
+    assert (tmp_path / "order.json").read_text() == '{\n  "b": [\n    1\n  ],\n  "a": 2\n}\n'
+    assert load_json(path, "thing", "pqnet.thing", 3) == {"format": "pqnet.thing",
+                                                          "version": 3, "x": 1}
+    with pytest.raises(ValueError, match=r"^where: .* version 3; this pqnet reads version 4"):
+        load_json(path, "thing", "pqnet.thing", 4, argument="where")
+    with pytest.raises(ValueError, match=f"^path: {re.escape(str(path))} is not a pqnet thing "
+                                         "file$"):
+        load_json(path, "thing", "pqnet.other", 3)
+    with pytest.raises(ValueError, match="^file_format: needs a dict obj and a version$"):
+        save_json([1], path, file_format="pqnet.thing", version=1)
+    with pytest.raises(ValueError, match="^file_format: needs a dict obj and a version$"):
+        save_json({"x": 1}, path, file_format="pqnet.thing")
+    with pytest.raises(FileNotFoundError, match=r"^here: no thing file at"):
+        load_json(tmp_path / "none.json", "thing", "pqnet.thing", 3, argument="here")
+    (tmp_path / "bad.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match=r"^path: .* is not a readable pqnet thing"):
+        load_json(tmp_path / "bad.json", "thing", "pqnet.thing", 3)
+    assert json.loads(path.read_text())["x"] == 1  # the refused saves left it alone
+
+
+def test_torch_file_errors_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^ckpt: no model file at"):
+        load_torch(tmp_path / "none.pt", "model", "f", 1, argument="ckpt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a pickle")
+    with pytest.raises(ValueError, match=r"^path: .* is not a readable pqnet model") as err:
+        load_torch(tmp_path / "junk.pt", "model", "f", 1)
+    cause = err.value.__cause__  # the unpickler's own error, named in the message
+    assert cause is not None and f"{type(cause).__name__}: {cause}" in str(err.value)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="is not a pqnet model file"):
+        load_torch(tmp_path / "list.pt", "model", "f", 1)
+    save_torch({"format": "f", "version": 2}, tmp_path / "v2.pt")
+    with pytest.raises(ValueError, match="has model format version 2; this pqnet reads version 1"):
+        load_torch(tmp_path / "v2.pt", "model", "f", 1)
+    assert load_torch(tmp_path / "v2.pt", "model", "f", 2) == {"format": "f", "version": 2}
+    # map_location reaches torch.load: tensors come back on the device asked for
+    save_torch({"format": "f", "version": 1, "t": torch.ones(3)}, tmp_path / "t.pt")
+    assert load_torch(tmp_path / "t.pt", "model", "f", 1, map_location="meta")["t"].is_meta
+    assert load_torch(tmp_path / "t.pt", "model", "f", 1)["t"].device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- budget rules
+
+
+@pytest.mark.parametrize("bits, ok", [(1, True), (8, True), (np.int64(4), True), (0, False),
+                                      (9, False), (-1, False), (True, False), (2.0, False),
+                                      ("4", False)])
+def test_check_bits_accepts_exactly_the_integers_1_to_8(bits, ok):
+    if ok:
+        assert check_bits(bits) == int(bits) and type(check_bits(bits)) is int
+    else:
+        with pytest.raises(ValueError, match=r"^width: expected an integer bit-width in 1..8"):
+            check_bits(bits, "width")
+
+
+@pytest.mark.parametrize("avg, ok", [(1, True), (1.0, True), (3.25, True), (100, True),
+                                     (0.999, False), (0, False), (math.inf, False),
+                                     (math.nan, False), (True, False), ("3", False)])
+def test_check_avg_bits_is_a_finite_number_of_at_least_one(avg, ok):
+    if ok:
+        assert check_avg_bits(avg) == float(avg) and type(check_avg_bits(avg)) is float
+    else:
+        with pytest.raises(ValueError, match=r"^budget: expected a finite number of bits"):
+            check_avg_bits(avg, "budget")
+
+
+@pytest.mark.parametrize("value, ok", [(0, True), (0.0, True), (2.5, True), (-1e-12, False),
+                                       (math.inf, False), (math.nan, False), (False, False),
+                                       (None, False)])
+def test_check_nonnegative(value, ok):
+    if ok:
+        assert check_nonnegative(value, "lr") == float(value)
+        assert type(check_nonnegative(value, "lr")) is float
+    else:
+        with pytest.raises(ValueError, match=r"^lr: expected a finite non-negative number"):
+            check_nonnegative(value, "lr")
+
+
+@pytest.mark.parametrize("value, ok", [(2, True), (5, True), (1, False), (6, False),
+                                       (3.0, False), (True, False), (np.int32(3), True)])
+def test_check_int_bounds_are_inclusive(value, ok):
+    if ok:
+        assert check_int(value, "epochs", 2, 5) == int(value)
+        assert type(check_int(value, "epochs", 2, 5)) is int
+    else:
+        with pytest.raises(ValueError, match=r"^epochs: expected an integer in 2..5"):
+            check_int(value, "epochs", 2, 5)
+
+
+def test_check_flag_and_seed():
+    assert check_flag(True, "f") is True and check_flag(False, "f") is False
+    for bad in (1, 0, "yes", None):
+        with pytest.raises(ValueError, match=r"^per_channel: expected True or False"):
+            check_flag(bad, "per_channel")
+    assert check_seed(7) == 7 and type(check_seed(np.int64(7))) is int
+    for bad in (True, 1.0, "7", None):
+        with pytest.raises(ValueError, match=r"^seed: expected an int"):
+            check_seed(bad)
+
+
+def test_one_of_names_the_single_given_argument():
+    assert one_of(bits=4, avg_bits=None) == "bits"
+    assert one_of(bits=None, avg_bits=0) == "avg_bits"  # 0 is given, only None is not
+    with pytest.raises(ValueError, match=r"^bits / avg_bits: give exactly one of them, got none$"):
+        one_of(bits=None, avg_bits=None)
+    with pytest.raises(ValueError, match=r"got bits, avg_bits$"):
+        one_of(bits=4, avg_bits=3.0)
+
+
+def test_layer_posteriors_reads_each_weight_as_float32():
+    loc = {"0.weight": torch.ones(2, 3, dtype=torch.float64), "2.weight": torch.zeros(1, 2)}
+    scale = {k: torch.full_like(v, 0.5) for k, v in loc.items()}
+    layers = {"0": LayerInfo("0", "Linear", (2, 3), 3, False),
+              "2": LayerInfo("2", "Linear", (1, 2), 2, False)}
+    module = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    out = layer_posteriors(pqnet.Posterior(loc, scale, layers, module))
+    assert [name for name, _, _ in out] == ["0", "2"]
+    assert all(mu.dtype == torch.float32 and s.dtype == torch.float32 for _, mu, s in out)
+    assert torch.equal(out[0][1], torch.ones(2, 3))
+    assert torch.equal(out[0][2], torch.full((2, 3), .5))
+    with pytest.raises(TypeError, match="posterior: expected a pqnet Posterior, got dict"):
+        layer_posteriors({})
+    missing = pqnet.Posterior({"0.weight": loc["0.weight"]}, {"0.weight": scale["0.weight"]},
+                              layers, module)
+    with pytest.raises(ValueError, match="layer '2' has no random weight '2.weight'"):
+        layer_posteriors(missing)
+
+
+def test_meet_budget_reaches_the_budget_from_below():
+    # a continuous family: the parameter itself is the average; the answer is the budget
+    t = meet_budget(lambda p: p, 3.3, 1.0, 8.0)
+    assert t <= 3.3 and 3.3 - t < 1e-12
+    # a step family: floor(p) <= 3.5 up to (not including) p = 4, as close to 4 as float64 goes
+    t = meet_budget(math.floor, 3.5, 1.0, 8.0)
+    assert t < 4 and 4 - t < 1e-12
+    # a decreasing family works the same way, between its feasible and infeasible ends
+    t = meet_budget(lambda p: 10 - p, 4.0, 9.0, 0.0)
+    assert 10 - t <= 4 and abs(t - 6) < 1e-12
+    assert meet_budget(lambda p: p, 8.0, 1.0, 8.0) == 8.0  # even the most meets it
+    calls = []
+    assert meet_budget(lambda p: calls.append(p) or p, 9.0, 1.0, 8.0) == 8.0 and calls == [8.0]
+    with pytest.raises(ValueError, match=r"no allocation reaches 0.5; the fewest average bits "
+                                         r"are 1.0000"):
+        meet_budget(lambda p: p, 0.5, 1.0, 8.0)
+    # steps bounds the bisection: one step from [0, 8] for budget 3 stops at 0 (4 > 3)
+    assert meet_budget(lambda p: p, 3.0, 0.0, 8.0, steps=1) == 0.0
+    assert meet_budget(lambda p: p, 5.0, 0.0, 8.0, steps=1) == 4.0
+
+
+# --------------------------------------------------------------------------- byte accounting
+
+
+def test_byte_counts_of_a_three_width_layer_by_hand():
+    """10 weights at widths 1, 2 and 8: the codes, the width map and the codebooks."""
+    bits = torch.tensor([1, 1, 1, 2, 2, 2, 2, 8, 8, 8], dtype=torch.uint8)
+    codes = torch.tensor([0, 1, 0, 3, 2, 1, 0, 255, 7, 0], dtype=torch.uint8)
+    books = {1: torch.tensor([[-1.0, 1.0]]), 2: torch.tensor([[-2.0, -1.0, 1.0, 2.0]]),
+             8: torch.linspace(-1, 1, 256)[None]}
+    layer = QuantizedLayer(codes, bits, books)
+    # codes: 3 + 8 + 24 = 35 bits -> 5 bytes; map: 10 weights x 2 bits (3 widths) -> 3 bytes;
+    # codebooks: 2 + 4 + 256 float32 values -> 1048 bytes
+    assert layer.byte_counts() == {"codes": 5, "bit_map": 3, "codebooks": 1048}
+    assert layer.code_bits == 35 and layer.widths == [1, 2, 8]
+    packed = layer.packed()
+    assert packed["codes"].numel() == 5 and packed["bit_map"].numel() == 3
+    assert torch.equal(QuantizedLayer.unpacked(packed).values(), layer.values())
+    assert layer.values()[:4].tolist() == [-1.0, 1.0, -1.0, 2.0]
+
+
+@pytest.mark.parametrize("widths, map_bits_per_weight", [((3,), 0), ((2, 5), 1),
+                                                          ((1, 2, 3, 4), 2),
+                                                          ((1, 2, 3, 4, 5), 3)])
+def test_width_map_costs_ceil_log2_groups_bits_per_weight(widths, map_bits_per_weight):
+    n = 12
+    bits = torch.tensor([widths[i % len(widths)] for i in range(n)], dtype=torch.uint8)
+    codes = torch.zeros(n, dtype=torch.uint8)
+    scales = {w: torch.tensor([0.5]) for w in widths}
+    layer = QuantizedLayer.from_grid(codes, bits, scales)
+    counts = layer.byte_counts()
+    assert counts["bit_map"] == math.ceil(n * map_bits_per_weight / 8)
+    assert counts["codes"] == math.ceil(sum(int(b) for b in bits) / 8)
+    assert counts["codebooks"] == 4 * len(widths)  # a grid stores its scale only
+
+
+def test_per_channel_grid_counts_one_scale_per_row_and_the_net_counts_the_rest():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
+    codes = torch.zeros(4, 3, dtype=torch.uint8)
+    first = QuantizedLayer.from_grid(codes, torch.full((4, 3), 3, dtype=torch.uint8),
+                                     {3: torch.tensor([1.0, 2.0, 3.0, 4.0])})
+    second = QuantizedLayer(torch.zeros(2, 4, dtype=torch.uint8),
+                            torch.full((2, 4), 1, dtype=torch.uint8), {1: torch.tensor([[0.5]])})
+    qnet = QuantizedNet({"0": first, "2": second}, net, "hand")
+    assert first.byte_counts() == {"codes": 5, "bit_map": 0, "codebooks": 16}  # 36 bits
+    assert second.byte_counts() == {"codes": 1, "bit_map": 0, "codebooks": 4}
+    # float32 rest: bias 4, BatchNorm weight/bias/mean/var 4 x 4 -> 20 floats; the int64
+    # num_batches_tracked counts as one float too (everything not a code is float32)
+    assert qnet.sizes == {"codes": 6, "bit_map": 0, "codebooks": 20, "float32": 4 * 21}
+    assert qnet.size_bytes == 6 + 20 + 84
+    assert qnet.avg_bits == (36 + 8) / 20
+    assert first.values()[1].tolist() == [-2.0, -2.0, -2.0]  # code 0 of row 1's grid: -2
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_mutual_information_of_two_confident_disagreeing_draws_is_log_2():
+    """Draws p1 = (1, 0), p2 = (0, 1): the mean (1/2, 1/2) has entropy log 2, each draw 0, so
+    the mutual information (BALD) is log 2 nats; two identical draws have none."""
+    draws = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # (samples, examples, classes)
+    mean = draws.mean(0)
+    sample_entropy = entropy(draws).mean(0)
+    labels = torch.tensor([0])
+    m = classification_metrics(mean, labels, sample_entropy)
+    assert m["mutual_information"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["entropy"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["nll"] == pytest.approx(math.log(2), abs=1e-6)
+    same = torch.tensor([[0.7, 0.3]])
+    h = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
+    m = classification_metrics(same, labels, torch.tensor([h]))
+    assert m["mutual_information"] == pytest.approx(0.0, abs=1e-6)
+    assert m["entropy"] == pytest.approx(h, abs=1e-6)
+    # averaged over examples: MI 0.2 and 0.6 -> 0.4
+    probs = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    m = classification_metrics(probs, torch.tensor([0, 1]),
+                               torch.tensor([math.log(2) - 0.2, math.log(2) - 0.6]))
+    assert m["mutual_information"] == pytest.approx(0.4, abs=1e-6)
+
+
+def test_classification_metrics_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.4, 0.6], [0.8, 0.2], [0.3, 0.7]])
+    labels = torch.tensor([0, 0, 1, 1])
+    m = classification_metrics(probs, labels, entropy(probs))
+    assert m["accuracy"] == 0.5
+    assert m["nll"] == pytest.approx(-(math.log(.9) + math.log(.4) + math.log(.2)
+                                       + math.log(.7)) / 4, abs=1e-6)
+    # 15 bins: 0.9 -> (13/15, 14/15] correct; 0.6 -> (8/15, 9/15] wrong; 0.8 -> (11/15, 12/15]
+    # wrong; 0.7 -> (10/15, 11/15] correct: |1-.9| + |0-.6| + |0-.8| + |1-.7| over 4
+    assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.8 + 0.3) / 4, abs=1e-6)
+    assert m["mutual_information"] == 0.0
+    # the bin is the confidence's: two predictions in one bin average before the |gap|
+    both = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
+    assert expected_calibration_error(both, torch.tensor([0, 1])) == pytest.approx(0.25)
+    # 2 bins: 0.5 goes to the first, (0, 1/2]; 0.75 to the second
+    two = torch.tensor([[0.5, 0.5], [0.75, 0.25]])
+    assert expected_calibration_error(two, torch.tensor([0, 0]), num_bins=2) == \
+        pytest.approx((0.5 + 0.25) / 2)
+    assert entropy(torch.full((3, 4), 0.25)).tolist() == pytest.approx([math.log(4)] * 3)
+    assert entropy(torch.tensor([1.0, 0.0])).item() == 0.0  # 0 log 0 = 0, not nan
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def two_layer_posterior() -> pqnet.Posterior:
+    """Two layers, loc 0 and scale 1 (so z = w): a 2x5 and a 6x5 weight, no biases."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 2, bias=False), nn.Linear(2, 6, bias=False),
+                           nn.Flatten())
+    loc = {"0.weight": torch.zeros(2, 5), "1.weight": torch.zeros(6, 2)}
+    scale = {"0.weight": torch.ones(2, 5), "1.weight": torch.full((6, 2), 2.0)}
+    layers = {"0": LayerInfo("0", "Linear", (2, 5), 5, False),
+              "1": LayerInfo("1", "Linear", (6, 2), 2, False)}
+    with torch.no_grad():
+        module[0].weight.zero_()
+        module[1].weight.zero_()
+    return pqnet.Posterior(loc, scale, layers, module)
+
+
+def test_z_scores_and_hdi_coverage_by_hand():
+    post = two_layer_posterior()
+    w = {"0.weight": torch.tensor([[0.0, 1.0, -1.95, 1.97, 3.0]] * 2),
+         "1.weight": torch.full((6, 2), 3.0)}
+    z = z_scores(post, w)
+    assert torch.equal(z["0.weight"][0], torch.tensor([0.0, 1.0, -1.95, 1.97, 3.0]))
+    assert torch.equal(z["1.weight"], torch.full((6, 2), 1.5))  # (3 - 0) / 2
+    cov = hdi_coverage(post, w)
+    assert cov == {"0.weight": 0.6, "1.weight": 1.0}  # |z| <= 1.959964
+    assert hdi_coverage(post, w, prob=0.5) == {"0.weight": 0.2, "1.weight": 0.0}  # z* = 0.674
+    with pytest.raises(ValueError, match="prob: expected a probability in"):
+        hdi_coverage(post, w, prob=1.0)
+    with pytest.raises(ValueError, match="'2.weight' is not a random parameter"):
+        z_scores(post, {"2.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="0.weight has shape"):
+        z_scores(post, {"0.weight": torch.zeros(5, 2)})
+
+
+def hand_qnet() -> QuantizedNet:
+    """Layer 0 (10 weights) all at 0, inside the HDI; layer 1 (12 weights) all at +-5 with
+    sigma 2, |z| = 2.5, outside. Widths 8 and 2."""
+    post = two_layer_posterior()
+    zero = QuantizedLayer(torch.zeros(2, 5, dtype=torch.uint8),
+                          torch.full((2, 5), 8, dtype=torch.uint8), {8: torch.tensor([[0.0]])})
+    codes = torch.tensor([[0, 1]] * 6, dtype=torch.uint8)
+    five = QuantizedLayer(codes, torch.full((6, 2), 2, dtype=torch.uint8),
+                          {2: torch.tensor([[-5.0, 5.0]])})
+    return QuantizedNet({"0": zero, "1": five}, post.module, "hand"), post
+
+
+def test_layer_table_and_analyze_weight_the_layers_by_their_number_of_weights():
+    qnet, post = hand_qnet()
+    rows = layer_table(post, qnet)
+    assert [(r["layer"], r["kind"], r["weights"], r["bits"], r["unique_values"]) for r in rows] \
+        == [("0", "Linear", 10, 8.0, 1), ("1", "Linear", 12, 2.0, 2)]
+    assert rows[0]["hdi_coverage"] == 1.0 and rows[1]["hdi_coverage"] == 0.0
+    assert rows[1]["z_abs_mean"] == 2.5 and rows[1]["z_rms"] == 2.5 and rows[1]["z_abs_max"] == 2.5
+    assert rows[0]["sigma"] == 1.0 and rows[1]["sigma"] == 2.0 and rows[0]["snr"] == 0.0
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, torch.arange(8) % 6)
+    out = analyze(post, qnet, data, num_samples=2)
+    # coverage and |z| pooled over the 22 weights, not the mean of the two layers' values
+    assert out["hdi_coverage"] == pytest.approx(10 / 22)
+    assert out["z_abs_mean"] == pytest.approx(12 * 2.5 / 22)
+    # all-zero quantized first layer: the net outputs zeros, a uniform predictive over 6
+    assert out["after"]["entropy"] == pytest.approx(math.log(6))
+    assert out["after"]["accuracy"] == pytest.approx(2 / 8)  # argmax of a tie: class 0
+    # the posterior net is zero-mean as well, with unit-scale noise: it disagrees somewhere
+    assert out["before"]["probs"].shape == (8, 6)
+
+
+def test_bits_sigma_correlation_by_hand():
+    qnet, post = hand_qnet()
+    # layer 0: 8 bits at relative sigma 1 / max|mu| -> 1 / 1e-12 (mu = 0): larger sigma ...
+    # make it finite: give layer 0 mu of max 1 and layer 1 mu of max 1
+    post.loc["0.weight"] = torch.full((2, 5), 1.0)
+    post.loc["1.weight"] = torch.full((6, 2), 1.0)
+    # relative sigma: layer 0 -> 1, layer 1 -> 2; bits 8 and 2: perfectly anti-monotone
+    assert bits_sigma_correlation(post, qnet) == pytest.approx(-1.0)
+    uniform = pqnet.quantize(post, "uniform", bits=4)
+    assert math.isnan(bits_sigma_correlation(post, uniform))
+
+
+def test_reliability_divergence_and_auroc_by_hand():
+    # confidences .9, .65, .55, .85 (away from bin edges, which float32 would blur)
+    probs = torch.tensor([[0.9, 0.1], [0.65, 0.35], [0.55, 0.45], [0.15, 0.85]])
+    labels = torch.tensor([0, 1, 0, 1])
+    r = reliability(probs, labels, num_bins=2)
+    assert r["bin_edges"] == [0.0, 0.5, 1.0] and r["count"] == [0, 4]
+    assert math.isnan(r["confidence"][0]) and math.isnan(r["accuracy"][0])
+    assert r["confidence"][1] == pytest.approx((0.9 + 0.65 + 0.55 + 0.85) / 4)
+    assert r["accuracy"][1] == 0.75
+    assert r["ece"] == pytest.approx(abs(3 - 2.95) / 4)
+    r = reliability(probs, labels, num_bins=5)  # (.4,.6]: .55; (.6,.8]: .65; (.8,1]: .9, .85
+    assert r["count"] == [0, 0, 1, 1, 2]
+    assert r["accuracy"][2:] == [1.0, 0.0, 1.0]
+    assert r["ece"] == pytest.approx((abs(1 - .55) + abs(0 - .65) + abs(2 - 1.75)) / 4)
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    q = torch.tensor([[0.25, 0.75], [0.9, 0.1]])
+    d = predictive_divergence(p, q)
+    assert d["agreement"] == 0.5  # argmax of (.5, .5) is 0, of (.25, .75) is 1
+    assert d["kl"] == pytest.approx((0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)) / 2)
+    confident, unsure = torch.tensor([[0.99, 0.01]]), torch.tensor([[0.5, 0.5]])
+    assert entropy_auroc(confident.repeat(3, 1), unsure.repeat(2, 1)) == 1.0
+    assert entropy_auroc(unsure.repeat(3, 1), confident.repeat(2, 1)) == 0.0
+    mixed_in = torch.cat([confident, unsure])  # in: one low, one high; ood: one middle
+    middle = torch.tensor([[0.8, 0.2]])
+    assert entropy_auroc(mixed_in, middle) == 0.5
