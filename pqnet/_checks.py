@@ -40,6 +40,21 @@ def int_in(name: str, value: object, low: int, high: int) -> int:
     return int(value)
 
 
+def bits(name: str, value: object, high: int) -> int:
+    """An integer bit-width in ``1..high``."""
+    if not _is_int(value) or not 1 <= value <= high:
+        raise ValueError(f"{name}: expected an integer bit-width in 1..{high}, got {value!r}")
+    return int(value)
+
+
+def avg_bits(name: str, value: object) -> float:
+    """A finite average bit budget of at least 1 (no method codes a weight in under 1 bit)."""
+    if not _is_real(value) or value < 1:
+        raise ValueError(f"{name}: expected a finite number of bits per weight >= 1, "
+                         f"got {value!r}")
+    return float(value)
+
+
 def positive_float(name: str, value: object) -> float:
     if not _is_real(value) or value <= 0:
         raise ValueError(f"{name}: expected a positive finite number, got {value!r}")

@@ -27,14 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks
+
 __all__ = ["MODELS", "digits_cnn", "for_data", "get", "lenet5", "mlp", "resnet20", "vgg16",
            "vit_tiny"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return value
 
 
 def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
@@ -44,8 +40,8 @@ def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     Flatten -> Linear(784, 300) -> ReLU -> Linear(300, 100) -> ReLU -> Linear(100, 10);
     266,610 parameters for MNIST.
     """
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_features", in_features)
+    _checks.positive_int("num_classes", num_classes)
+    _checks.positive_int("in_features", in_features)
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_features, 300),
@@ -61,8 +57,8 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     recognition", with ReLU and max pooling, for 28x28 inputs (the first convolution is
     padded by 2 to give the original 32x32 geometry). 61,706 parameters for MNIST.
     """
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_channels", in_channels)
+    _checks.positive_int("num_classes", num_classes)
+    _checks.positive_int("in_channels", in_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
         nn.ReLU(),
@@ -92,8 +88,8 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     BatchNorm (Ioffe & Szegedy 2015) and ReLU, five max-pools taking 32x32 down to 1x1,
     and a single Linear(512, num_classes) classifier.
     """
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_channels", in_channels)
+    _checks.positive_int("num_classes", num_classes)
+    _checks.positive_int("in_channels", in_channels)
     layers: list[nn.Module] = []
     channels = in_channels
     for item in _VGG16_CFG:
@@ -142,8 +138,8 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     global average pooling and Linear(64, num_classes). Shortcuts that change shape use a
     1x1 conv+BN projection (option B). About 0.27M parameters.
     """
-    _check_positive_int("num_classes", num_classes)
-    _check_positive_int("in_channels", in_channels)
+    _checks.positive_int("num_classes", num_classes)
+    _checks.positive_int("in_channels", in_channels)
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
         nn.BatchNorm2d(16),
@@ -167,9 +163,8 @@ def digits_cnn(num_classes: int = 10, batchnorm: bool = False) -> nn.Module:
     recognition of handwritten digits): two 3x3 convolutions (16, 32 channels), one
     max-pool to 4x4 and a 64-unit hidden layer; with ``batchnorm`` a BatchNorm after each
     convolution."""
-    _check_positive_int("num_classes", num_classes)
-    if not isinstance(batchnorm, bool):
-        raise ValueError(f"batchnorm: expected True or False, got {batchnorm!r}")
+    _checks.positive_int("num_classes", num_classes)
+    _checks.flag("batchnorm", batchnorm)
 
     def norm(channels: int) -> list[nn.Module]:
         return [nn.BatchNorm2d(channels)] if batchnorm else []
@@ -259,7 +254,7 @@ def vit_tiny(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, 
     for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
                         ("image_size", image_size), ("patch", patch), ("dim", dim),
                         ("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim)):
-        _check_positive_int(name, value)
+        _checks.positive_int(name, value)
     return ViT(num_classes, image_size, in_channels, patch, dim, depth, heads, mlp_dim)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import pqnet
+from pqnet import _checks
 from pqnet._io import atomic_write, load_json, load_torch, save_json, save_torch
 from pqnet.bnn import LayerInfo
 from pqnet.diagnostics.analysis import (
@@ -37,17 +38,7 @@ from pqnet.diagnostics.analysis import (
 )
 from pqnet.diagnostics.metrics import classification_metrics, entropy, expected_calibration_error
 from pqnet.quantize import QuantizedLayer, QuantizedNet
-from pqnet.quantize.budget import (
-    check_avg_bits,
-    check_bits,
-    check_flag,
-    check_int,
-    check_nonnegative,
-    check_seed,
-    layer_posteriors,
-    meet_budget,
-    one_of,
-)
+from pqnet.quantize.budget import layer_posteriors, meet_budget, one_of
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -177,10 +168,11 @@ def test_torch_file_errors_name_the_argument(tmp_path):
                                       ("4", False)])
 def test_check_bits_accepts_exactly_the_integers_1_to_8(bits, ok):
     if ok:
-        assert check_bits(bits) == int(bits) and type(check_bits(bits)) is int
+        assert _checks.bits("bits", bits, 8) == int(bits)
+        assert type(_checks.bits("bits", bits, 8)) is int
     else:
         with pytest.raises(ValueError, match=r"^width: expected an integer bit-width in 1..8"):
-            check_bits(bits, "width")
+            _checks.bits("width", bits, 8)
 
 
 @pytest.mark.parametrize("avg, ok", [(1, True), (1.0, True), (3.25, True), (100, True),
@@ -188,10 +180,11 @@ def test_check_bits_accepts_exactly_the_integers_1_to_8(bits, ok):
                                      (math.nan, False), (True, False), ("3", False)])
 def test_check_avg_bits_is_a_finite_number_of_at_least_one(avg, ok):
     if ok:
-        assert check_avg_bits(avg) == float(avg) and type(check_avg_bits(avg)) is float
+        assert _checks.avg_bits("avg_bits", avg) == float(avg)
+        assert type(_checks.avg_bits("avg_bits", avg)) is float
     else:
         with pytest.raises(ValueError, match=r"^budget: expected a finite number of bits"):
-            check_avg_bits(avg, "budget")
+            _checks.avg_bits("budget", avg)
 
 
 @pytest.mark.parametrize("value, ok", [(0, True), (0.0, True), (2.5, True), (-1e-12, False),
@@ -199,33 +192,33 @@ def test_check_avg_bits_is_a_finite_number_of_at_least_one(avg, ok):
                                        (None, False)])
 def test_check_nonnegative(value, ok):
     if ok:
-        assert check_nonnegative(value, "lr") == float(value)
-        assert type(check_nonnegative(value, "lr")) is float
+        assert _checks.nonnegative_float("lr", value) == float(value)
+        assert type(_checks.nonnegative_float("lr", value)) is float
     else:
         with pytest.raises(ValueError, match=r"^lr: expected a finite non-negative number"):
-            check_nonnegative(value, "lr")
+            _checks.nonnegative_float("lr", value)
 
 
 @pytest.mark.parametrize("value, ok", [(2, True), (5, True), (1, False), (6, False),
                                        (3.0, False), (True, False), (np.int32(3), True)])
 def test_check_int_bounds_are_inclusive(value, ok):
     if ok:
-        assert check_int(value, "epochs", 2, 5) == int(value)
-        assert type(check_int(value, "epochs", 2, 5)) is int
+        assert _checks.int_in("epochs", value, 2, 5) == int(value)
+        assert type(_checks.int_in("epochs", value, 2, 5)) is int
     else:
         with pytest.raises(ValueError, match=r"^epochs: expected an integer in 2..5"):
-            check_int(value, "epochs", 2, 5)
+            _checks.int_in("epochs", value, 2, 5)
 
 
 def test_check_flag_and_seed():
-    assert check_flag(True, "f") is True and check_flag(False, "f") is False
+    assert _checks.flag("f", True) is True and _checks.flag("f", False) is False
     for bad in (1, 0, "yes", None):
         with pytest.raises(ValueError, match=r"^per_channel: expected True or False"):
-            check_flag(bad, "per_channel")
-    assert check_seed(7) == 7 and type(check_seed(np.int64(7))) is int
+            _checks.flag("per_channel", bad)
+    assert _checks.seed(7) == 7 and type(_checks.seed(np.int64(7))) is int
     for bad in (True, 1.0, "7", None):
         with pytest.raises(ValueError, match=r"^seed: expected an int"):
-            check_seed(bad)
+            _checks.seed(bad)
 
 
 def test_one_of_names_the_single_given_argument():

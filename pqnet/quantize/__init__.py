@@ -33,9 +33,9 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
 from .bayesian_compression import bayesian_compression
-from .budget import check_int, check_nonnegative
 from .finetune import finetune
 from .kmeans import kmeans
 from .pwfn import pwfn
@@ -93,8 +93,8 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
         if name not in accepted:
             raise ValueError(f"{name}: not a keyword of method {method!r}, which takes "
                              f"{', '.join(accepted)}")
-    finetune_epochs = check_int(finetune_epochs, "finetune_epochs", 0, 10_000)
-    finetune_lr = check_nonnegative(finetune_lr, "finetune_lr")
+    finetune_epochs = _checks.int_in("finetune_epochs", finetune_epochs, 0, 10_000)
+    finetune_lr = _checks.nonnegative_float("finetune_lr", finetune_lr)
     qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
     if finetune_epochs == 0:
         return qnet

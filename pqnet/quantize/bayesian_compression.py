@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
-from .budget import check_avg_bits, check_flag, check_seed, layer_posteriors, meet_budget
+from .budget import layer_posteriors, meet_budget
 from .grids import MAX_BITS, grid_layer
 from .qnet import QuantizedNet
 
@@ -63,8 +64,8 @@ def bayesian_compression(posterior: Posterior, *, data: Dataset | None = None, s
         average bits are ``<= avg_bits``.
     per_channel : round to one grid per output channel (the width stays per layer).
     """
-    seed = check_seed(seed)
-    per_channel = check_flag(per_channel, "per_channel")
+    seed = _checks.seed(seed)
+    per_channel = _checks.flag("per_channel", per_channel)
     layers = layer_posteriors(posterior)
     ratios = {layer: _levels_per_sigma(mu, sigma) for layer, mu, sigma in layers}
     total = sum(r.size for r in ratios.values())
@@ -75,7 +76,7 @@ def bayesian_compression(posterior: Posterior, *, data: Dataset | None = None, s
 
     log_scale = 0.0
     if avg_bits is not None:
-        budget = check_avg_bits(avg_bits)
+        budget = _checks.avg_bits("avg_bits", avg_bits)
         # every p_i <= 1 once s >= R / (2 sigma_i); e^-100 times that puts every layer at 8
         largest = max(float(r.max()) for r in ratios.values())
         fewest = math.log(max(largest, 1e-30)) + 1

@@ -2,59 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from numbers import Integral, Real
 
 import torch
 
 from ..inference.posterior import Posterior
-from .grids import MAX_BITS
 from .qnet import weight_name
 
-__all__ = ["check_avg_bits", "check_bits", "check_flag", "check_int", "check_nonnegative",
-           "check_seed", "layer_posteriors", "meet_budget", "one_of"]
-
-
-def check_bits(bits: object, name: str = "bits") -> int:
-    """An integer bit-width in ``1..8``."""
-    if isinstance(bits, bool) or not isinstance(bits, Integral) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"{name}: expected an integer bit-width in 1..{MAX_BITS}, got {bits!r}")
-    return int(bits)
-
-
-def check_avg_bits(avg_bits: object, name: str = "avg_bits") -> float:
-    """A finite average bit budget of at least 1 (no method codes a weight in under 1 bit)."""
-    if isinstance(avg_bits, bool) or not isinstance(avg_bits, Real) \
-            or not math.isfinite(avg_bits) or avg_bits < 1:
-        raise ValueError(f"{name}: expected a finite number of bits per weight >= 1, "
-                         f"got {avg_bits!r}")
-    return float(avg_bits)
-
-
-def check_nonnegative(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) \
-            or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: expected a finite non-negative number, got {value!r}")
-    return float(value)
-
-
-def check_int(value: object, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
-        raise ValueError(f"{name}: expected an integer in {low}..{high}, got {value!r}")
-    return int(value)
-
-
-def check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-    return value
-
-
-def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise ValueError(f"seed: expected an int, got {seed!r}")
-    return int(seed)
+__all__ = ["layer_posteriors", "meet_budget", "one_of"]
 
 
 def one_of(**given: object) -> str:

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
-from .budget import check_int, check_nonnegative, check_seed
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 
 
@@ -35,10 +35,10 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
     stay frozen (eval mode). The result re-rounds the new means: the same method, widths and
     codebooks, new codes, with ``config["finetune"]`` recording the run.
     """
-    epochs = check_int(epochs, "finetune_epochs", 1, 10_000)
-    lr = check_nonnegative(lr, "finetune_lr")
-    batch_size = check_int(batch_size, "batch_size", 1, 1 << 30)
-    seed = check_seed(seed)
+    epochs = _checks.int_in("finetune_epochs", epochs, 1, 10_000)
+    lr = _checks.nonnegative_float("finetune_lr", lr)
+    batch_size = _checks.int_in("batch_size", batch_size, 1, 1 << 30)
+    seed = _checks.seed(seed)
     if data is None:
         raise ValueError("data: fine-tuning (finetune_epochs > 0) needs the training data")
     if posterior.likelihood.get("kind") != "categorical":

@@ -11,8 +11,9 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
-from .budget import check_avg_bits, check_int, check_seed, layer_posteriors, one_of
+from .budget import layer_posteriors, one_of
 from .grids import MAX_BITS, nearest_level
 from .qnet import QuantizedLayer, QuantizedNet
 
@@ -40,11 +41,11 @@ def kmeans(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
         ``k = 2^min(8, floor(avg_bits))``.
     init : ``"linear"`` or ``"k-means++"``.
     """
-    seed = check_seed(seed)
+    seed = _checks.seed(seed)
     if one_of(k=k, avg_bits=avg_bits) == "k":
-        k = check_int(k, "k", 2, 2 ** MAX_BITS)
+        k = _checks.int_in("k", k, 2, 2 ** MAX_BITS)
     else:
-        k = 2 ** min(MAX_BITS, math.floor(check_avg_bits(avg_bits)))
+        k = 2 ** min(MAX_BITS, math.floor(_checks.avg_bits("avg_bits", avg_bits)))
     if init not in INITS:
         raise ValueError(f"init: expected one of {', '.join(INITS)}, got {init!r}")
     layers = {layer: _cluster(mu, k, init, seed) for layer, mu, _ in layer_posteriors(posterior)}

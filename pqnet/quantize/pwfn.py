@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..bnn import PWFNPrior, bayesian
 from ..bnn.guide import softplus_inverse
 from ..inference.checkpoint import load_checkpoint, save_checkpoint
 from ..inference.fit import fit
 from ..inference.posterior import Posterior
-from .budget import check_flag, check_int, check_seed, layer_posteriors
+from .budget import layer_posteriors
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 
 SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
@@ -43,7 +44,7 @@ def centres(order: int, largest_exponent: int = 0,
     Every such value is a multiple of ``2^smallest_exponent`` below ``2^(largest_exponent+1)``
     in magnitude, so float32 holds it exactly.
     """
-    order = check_int(order, "max_order", 1, 4)
+    order = _checks.int_in("max_order", order, 1, 4)
     exponents = range(smallest_exponent, largest_exponent + 1)
     values = {0.0}
     for j in range(1, order + 1):
@@ -153,13 +154,6 @@ def check_schedule(schedule: object) -> tuple[float, ...]:
     return tuple(float(f) for f in schedule)
 
 
-def _positive(value: object, name: str, above: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) \
-            or not value > above:
-        raise ValueError(f"{name}: expected a finite number above {above:g}, got {value!r}")
-    return float(value)
-
-
 def _bnn_from(posterior: Posterior, cap: float):
     """A BNN whose guide starts at ``posterior`` and whose prior is PWFN's, anchored at the
     posterior means with scale ``cap``."""
@@ -230,18 +224,18 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     completed round and ends with the same result. Without ``resume`` an existing
     checkpoint is an error, never overwritten.
     """
-    seed = check_seed(seed)
+    seed = _checks.seed(seed)
     schedule = check_schedule(schedule)
-    max_order = check_int(max_order, "max_order", 1, 4)
-    threshold = _positive(threshold, "threshold")
-    widen = _positive(widen, "widen", above=1.0)
-    zero_below = None if zero_below is None else _positive(zero_below, "zero_below")
-    retrain_epochs = check_int(retrain_epochs, "retrain_epochs", 0, 10_000)
-    sigma_cap = _positive(sigma_cap, "sigma_cap")
-    lr, kl_weight = _positive(lr, "lr"), _positive(kl_weight, "kl_weight")
-    scale_lr = None if scale_lr is None else _positive(scale_lr, "scale_lr")
-    batch_size = check_int(batch_size, "batch_size", 1, 1 << 30)
-    resume = check_flag(resume, "resume")
+    max_order = _checks.int_in("max_order", max_order, 1, 4)
+    threshold = _checks.above("threshold", threshold, 0.0)
+    widen = _checks.above("widen", widen, 1.0)
+    zero_below = None if zero_below is None else _checks.above("zero_below", zero_below, 0.0)
+    retrain_epochs = _checks.int_in("retrain_epochs", retrain_epochs, 0, 10_000)
+    sigma_cap = _checks.above("sigma_cap", sigma_cap, 0.0)
+    lr, kl_weight = _checks.above("lr", lr, 0.0), _checks.above("kl_weight", kl_weight, 0.0)
+    scale_lr = None if scale_lr is None else _checks.above("scale_lr", scale_lr, 0.0)
+    batch_size = _checks.int_in("batch_size", batch_size, 1, 1 << 30)
+    resume = _checks.flag("resume", resume)
     checkpoint = Path(checkpoint_dir) / "pwfn.pt" if checkpoint_dir is not None else None
     if resume and checkpoint is None:
         raise ValueError("resume: needs checkpoint_dir, the folder to resume from")

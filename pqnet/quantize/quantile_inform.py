@@ -8,16 +8,9 @@ from numbers import Real
 import torch
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
-from .budget import (
-    check_avg_bits,
-    check_flag,
-    check_nonnegative,
-    check_seed,
-    layer_posteriors,
-    meet_budget,
-    one_of,
-)
+from .budget import layer_posteriors, meet_budget, one_of
 from .grids import grid_layer
 from .qnet import QuantizedNet
 from .sigma_bits import bits_at, error_ratios
@@ -70,8 +63,8 @@ def quantile_inform(posterior: Posterior, *, data: Dataset | None = None, seed: 
     q : the quantile in ``(0, 1]``: the fraction of each layer's weights whose need is met.
     per_channel : one grid per output channel instead of one per layer.
     """
-    seed = check_seed(seed)
-    per_channel = check_flag(per_channel, "per_channel")
+    seed = _checks.seed(seed)
+    per_channel = _checks.flag("per_channel", per_channel)
     if isinstance(q, bool) or not isinstance(q, Real) or not 0 < q <= 1:
         raise ValueError(f"q: expected a quantile in (0, 1], got {q!r}")
     q = float(q)
@@ -91,10 +84,11 @@ def quantile_inform(posterior: Posterior, *, data: Dataset | None = None, seed: 
             sizes.values())
 
     if given == "k":
-        k = check_nonnegative(k, "k")
+        k = _checks.nonnegative_float("k", k)
     else:
         fewest = max(float(tau.max()) for tau in taus.values())  # every layer at 1 bit
-        k = meet_budget(avg_bits_at, check_avg_bits(avg_bits), fewest=fewest, most=0.0)
+        k = meet_budget(avg_bits_at, _checks.avg_bits("avg_bits", avg_bits), fewest=fewest,
+                        most=0.0)
     quantized = {layer: grid_layer(mu, layer_bits(k)[layer], per_channel, sigma)
                  for layer, mu, sigma in layers}
     return QuantizedNet(quantized, posterior.module, "quantile-inform",

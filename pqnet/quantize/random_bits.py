@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
-from .budget import check_avg_bits, check_int, check_nonnegative, check_seed, layer_posteriors
+from .budget import layer_posteriors
 from .grids import MAX_BITS, grid_layer, grid_levels, grid_scale, round_to_grid
 from .qnet import QuantizedNet, gather_levels, weight_name
 
@@ -79,14 +80,14 @@ def random_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int 
     forgetting : ``kappa`` in ``rho_t = (t + 1)^-kappa``, in (0.5, 1] (Robbins-Monro).
     dual_lr : step of the dual ascent on ``lambda``.
     """
-    seed = check_seed(seed)
-    budget = check_avg_bits(avg_bits)
-    steps = check_int(steps, "steps", 1, 1 << 30)
-    batch_size = check_int(batch_size, "batch_size", 1, 1 << 30)
-    forgetting = check_nonnegative(forgetting, "forgetting")
+    seed = _checks.seed(seed)
+    budget = _checks.avg_bits("avg_bits", avg_bits)
+    steps = _checks.int_in("steps", steps, 1, 1 << 30)
+    batch_size = _checks.int_in("batch_size", batch_size, 1, 1 << 30)
+    forgetting = _checks.nonnegative_float("forgetting", forgetting)
     if not 0.5 < forgetting <= 1:
         raise ValueError(f"forgetting: expected a number in (0.5, 1], got {forgetting}")
-    dual_lr = check_nonnegative(dual_lr, "dual_lr")
+    dual_lr = _checks.nonnegative_float("dual_lr", dual_lr)
     if data is None:
         raise ValueError("data: random-bits needs the training data (a torch Dataset)")
     if posterior.likelihood.get("kind") != "categorical":

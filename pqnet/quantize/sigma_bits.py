@@ -5,16 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
-from .budget import (
-    check_avg_bits,
-    check_flag,
-    check_nonnegative,
-    check_seed,
-    layer_posteriors,
-    meet_budget,
-    one_of,
-)
+from .budget import layer_posteriors, meet_budget, one_of
 from .grids import MAX_BITS, grid_layer, grid_quantize
 from .qnet import QuantizedNet
 
@@ -64,17 +57,17 @@ def sigma_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int =
         ``avg_bits``: the smallest ``k`` (by bisection) whose average bits are ``<= avg_bits``.
     per_channel : one grid per output channel instead of one per layer.
     """
-    seed = check_seed(seed)
-    per_channel = check_flag(per_channel, "per_channel")
+    seed = _checks.seed(seed)
+    per_channel = _checks.flag("per_channel", per_channel)
     if k is None and avg_bits is None:
         k = 1.0
     given = one_of(k=k, avg_bits=avg_bits)
     layers = layer_posteriors(posterior)
     ratios = {layer: error_ratios(mu, sigma, per_channel) for layer, mu, sigma in layers}
     if given == "k":
-        k = check_nonnegative(k, "k")
+        k = _checks.nonnegative_float("k", k)
     else:
-        budget = check_avg_bits(avg_bits)
+        budget = _checks.avg_bits("avg_bits", avg_bits)
         total = sum(mu.numel() for _, mu, _ in layers)
 
         def avg_bits_at(tolerance: float) -> float:

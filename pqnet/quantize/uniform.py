@@ -6,8 +6,9 @@ import math
 
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
-from .budget import check_avg_bits, check_bits, check_flag, check_seed, layer_posteriors, one_of
+from .budget import layer_posteriors, one_of
 from .grids import MAX_BITS, grid_layer
 from .qnet import QuantizedNet
 
@@ -32,12 +33,12 @@ def uniform(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
         ``b = min(8, floor(avg_bits))`` so the method runs at the budgets of the others.
     per_channel : one grid per output channel instead of one per tensor.
     """
-    seed = check_seed(seed)
-    per_channel = check_flag(per_channel, "per_channel")
+    seed = _checks.seed(seed)
+    per_channel = _checks.flag("per_channel", per_channel)
     if one_of(bits=bits, avg_bits=avg_bits) == "bits":
-        bits = check_bits(bits)
+        bits = _checks.bits("bits", bits, MAX_BITS)
     else:
-        bits = min(MAX_BITS, math.floor(check_avg_bits(avg_bits)))
+        bits = min(MAX_BITS, math.floor(_checks.avg_bits("avg_bits", avg_bits)))
     layers = {layer: grid_layer(mu, bits, per_channel)
               for layer, mu, _ in layer_posteriors(posterior)}
     return QuantizedNet(layers, posterior.module, "uniform",

@@ -37,9 +37,9 @@ from collections.abc import Callable, Sequence
 
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..inference.posterior import Posterior
 from ..quantize import quantize
-from ..quantize.budget import check_avg_bits, check_flag
 from ..quantize.grids import MAX_BITS
 from ..quantize.qnet import QuantizedNet
 from .bo import bayes_opt, check_fidelities, random_sample
@@ -130,7 +130,7 @@ def search(posterior: Posterior, train: Dataset, val: Dataset, *, avg_bits: floa
     :class:`~pqnet.quantize.QuantizedNet`.
     """
     fidelities = check_fidelities(fidelities)
-    warm_start = check_flag(warm_start, "warm_start")
+    warm_start = _checks.flag("warm_start", warm_start)
     function, bit_space, max_avg_bits, settings = _setup(
         posterior, train, val, avg_bits, space, degree, widths, objective, cost_per_bit,
         finetune_lr, batch_size, seed)
@@ -141,7 +141,8 @@ def search(posterior: Posterior, train: Dataset, val: Dataset, *, avg_bits: floa
                      "mes_candidates": mes_candidates})
     starts = []
     if warm_start:
-        informed = quantize(posterior, "quantile-inform", avg_bits=check_avg_bits(avg_bits))
+        informed = quantize(posterior, "quantile-inform",
+                            avg_bits=_checks.avg_bits("avg_bits", avg_bits))
         starts.append([round(informed.layer_bits[p]) for p in bit_space.layers])
         settings["warm_start_bits"] = starts[0]
     trace = Trace("gp", settings, trace_path, resume)

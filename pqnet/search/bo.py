@@ -39,7 +39,7 @@ from numbers import Integral, Real
 import torch
 from botorch.models import MultiTaskGP
 
-from ..quantize.budget import check_int, check_nonnegative, check_seed
+from .. import _checks
 from .gp import fit_model, max_value_entropy, one_thread, predict_top
 from .space import BitSpace
 from .trace import Trace, best_record
@@ -132,13 +132,13 @@ def bayes_opt(function: Objective, space: BitSpace, trace: Trace, *,
     """
     fidelities = check_fidelities(fidelities)
     budget = _check_budget(budget_epochs)
-    n_init = check_int(n_init, "n_init", 0, 1 << 20)
-    top_every = check_int(top_every, "top_every", 1, 1 << 20)
-    overhead = check_nonnegative(overhead_epochs, "overhead_epochs")
-    mes_candidates = check_int(mes_candidates, "mes_candidates", 1, 1 << 20)
-    seed = check_seed(seed)
+    n_init = _checks.int_in("n_init", n_init, 0, 1 << 20)
+    top_every = _checks.int_in("top_every", top_every, 1, 1 << 20)
+    overhead = _checks.nonnegative_float("overhead_epochs", overhead_epochs)
+    mes_candidates = _checks.int_in("mes_candidates", mes_candidates, 1, 1 << 20)
+    seed = _checks.seed(seed)
     if rank is not None:
-        rank = check_int(rank, "rank", 1, len(fidelities))
+        rank = _checks.int_in("rank", rank, 1, len(fidelities))
     say = log or (lambda line: None)
     params, bits = candidates(space, max_avg_bits)
     unit = to_unit(params)
@@ -226,10 +226,10 @@ def random_sample(function: Objective, space: BitSpace, trace: Trace, *, fidelit
     would exceed ``budget_epochs``; every evaluation recorded in ``trace``."""
     fidelity = check_fidelities([fidelity])[0]
     budget = _check_budget(budget_epochs)
-    cost = fidelity + check_nonnegative(overhead_epochs, "overhead_epochs")
+    cost = fidelity + _checks.nonnegative_float("overhead_epochs", overhead_epochs)
     say = log or (lambda line: None)
     params, bits = candidates(space, max_avg_bits)
-    generator = torch.Generator().manual_seed(_seed(check_seed(seed), 2))
+    generator = torch.Generator().manual_seed(_seed(_checks.seed(seed), 2))
     order = torch.randperm(len(bits), generator=generator)
     for row in order.tolist():
         if trace.total_cost + cost > budget + TOLERANCE:

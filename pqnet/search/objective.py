@@ -31,17 +31,12 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .. import _checks
 from ..data import TensorData
 from ..inference.batching import check_dataset
 from ..inference.posterior import Posterior
 from ..inference.predictive import evaluate
-from ..quantize.budget import (
-    check_avg_bits,
-    check_int,
-    check_nonnegative,
-    check_seed,
-    layer_posteriors,
-)
+from ..quantize.budget import layer_posteriors
 from ..quantize.finetune import finetune
 from ..quantize.grids import grid_layer
 from ..quantize.qnet import QuantizedNet
@@ -65,8 +60,8 @@ def split_validation(train: TensorData, size: int, seed: int = 0
     generator seeded with ``seed``, held out as the search's validation split."""
     if not isinstance(train, TensorData):
         raise TypeError(f"train: expected a pqnet TensorData, got {type(train).__name__}")
-    size = check_int(size, "val_size", 1, len(train) - 1)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(check_seed(seed)))
+    size = _checks.int_in("val_size", size, 1, len(train) - 1)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_checks.seed(seed)))
     note = f"{train.note}; {size} of its examples held out for validation (seed {seed})"
 
     def part(index: torch.Tensor) -> TensorData:
@@ -109,12 +104,12 @@ class QuantizedAccuracy:
         check_dataset(posterior.module, train, "train")
         check_dataset(posterior.module, val, "val")
         self.posterior, self.train, self.val = posterior, train, val
-        self.avg_bits = check_avg_bits(avg_bits)
+        self.avg_bits = _checks.avg_bits("avg_bits", avg_bits)
         self.objective = objective
-        self.cost_per_bit = check_nonnegative(cost_per_bit, "cost_per_bit")
-        self.lr = check_nonnegative(lr, "finetune_lr")
-        self.batch_size = check_int(batch_size, "batch_size", 1, 1 << 30)
-        self.seed = check_seed(seed)
+        self.cost_per_bit = _checks.nonnegative_float("cost_per_bit", cost_per_bit)
+        self.lr = _checks.nonnegative_float("finetune_lr", lr)
+        self.batch_size = _checks.int_in("batch_size", batch_size, 1, 1 << 30)
+        self.seed = _checks.seed(seed)
         self.last: QuantizedNet | None = None
 
     def quantize(self, bits: Sequence[int], epochs: int) -> QuantizedNet:

@@ -33,8 +33,9 @@ from numbers import Integral
 
 import torch
 
+from .. import _checks
 from ..inference.posterior import Posterior
-from ..quantize.budget import check_bits, check_int, layer_posteriors
+from ..quantize.budget import layer_posteriors
 from ..quantize.grids import MAX_BITS
 
 __all__ = ["MAX_CANDIDATES", "SPACES", "BitSpace"]
@@ -81,12 +82,12 @@ class BitSpace:
         if isinstance(self.widths, (str, bytes)) or not isinstance(self.widths, Iterable):
             raise ValueError(f"widths: expected integer widths in 1..{MAX_BITS}, "
                              f"got {self.widths!r}")
-        widths = tuple(sorted({check_bits(w, "widths") for w in self.widths}))
+        widths = tuple(sorted({_checks.bits("widths", w, MAX_BITS) for w in self.widths}))
         if not widths:
             raise ValueError(f"widths: the search space is empty; give at least one width in "
                              f"1..{MAX_BITS}")
         object.__setattr__(self, "widths", widths)
-        object.__setattr__(self, "degree", check_int(self.degree, "degree", 0, 16))
+        object.__setattr__(self, "degree", _checks.int_in("degree", self.degree, 0, 16))
         count = math.prod(len(v) for v in self.levels())
         if count > MAX_CANDIDATES:
             argument = "space" if self.kind == "layers" else "degree"

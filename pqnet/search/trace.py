@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .. import _checks
 from .._io import load_json, save_json
 
 __all__ = ["FORMAT", "VERSION", "Trace", "best_record", "read_trace"]
@@ -67,8 +68,7 @@ class Trace:
 
     def __init__(self, method: str, settings: dict, path: str | os.PathLike | None = None,
                  resume: bool = False) -> None:
-        if not isinstance(resume, bool):
-            raise ValueError(f"resume: expected True or False, got {resume!r}")
+        _checks.flag("resume", resume)
         if resume and path is None:
             raise ValueError("trace_path: resume=True needs the trace file to resume from")
         self.method, self.settings = method, _plain(settings)
