@@ -161,18 +161,19 @@ def normal_kl(loc: torch.Tensor, var: torch.Tensor, prior_loc: torch.Tensor,
         + \\frac{\\sigma_i^2 + (\\mu_i - m_i)^2}{2 s_i^2} - \\frac12;
 
     under a layer's scalar prior scale the sums come before the division: a few passes over
-    the weights a step. A fixed weight (:meth:`BNN.fix`) has ``sigma = s`` and ``mu = m``:
-    its term is exactly 0.
+    the weights a step. The sums are taken in float64, as the terms nearly cancel in a large
+    layer. A fixed weight (:meth:`BNN.fix`) has ``sigma = s`` and ``mu = m``: its term is 0.
     """
-    n = loc.numel()
+    n, f64 = loc.numel(), torch.float64
     if prior_scale.dim() == 0:
-        shift = torch.linalg.vector_norm(loc - prior_loc).square()
-        quadratic = (var.sum() + shift) / (2 * prior_scale.square())
-        log_ratio = n * prior_scale.log() - 0.5 * var.log().sum()
+        shift = torch.linalg.vector_norm(loc - prior_loc, dtype=f64).square()
+        quadratic = (var.sum(dtype=f64) + shift) / (2 * prior_scale.double().square())
+        log_ratio = n * prior_scale.double().log() - 0.5 * var.log().sum(dtype=f64)
     else:
-        quadratic = ((var + (loc - prior_loc).square()) / (2 * prior_scale.square())).sum()
-        log_ratio = (prior_scale.log() - 0.5 * var.log()).sum()
-    return log_ratio + quadratic - n / 2
+        quadratic = ((var + (loc - prior_loc).square()) / (2 * prior_scale.square())).sum(
+            dtype=f64)
+        log_ratio = (prior_scale.log() - 0.5 * var.log()).sum(dtype=f64)
+    return (log_ratio + quadratic - n / 2).to(loc.dtype)
 
 
 def bayesian(
@@ -201,7 +202,8 @@ def bayesian(
         sigma regulariser, see :class:`~pqnet.bnn.priors.PWFNPrior`), a positive float
         (``N(0, prior^2)``) or a :mod:`pqnet.bnn.priors` object.
     likelihood : ``"categorical"`` (outputs are logits) or ``"normal"`` (regression with
-        ``noise``, learned as a point estimate when ``learn_noise``).
+        ``noise``: its initial value, learned as a point estimate when ``learn_noise``
+        (the default), else fixed).
     init_scale : a positive float (constant initial sigma), ``"relative"``
         (``init_relative_scale * |w|``) or ``"pwfn"`` (PWFN's rule, see
         :func:`pqnet.bnn.guide.pwfn_scale`).

@@ -5,19 +5,39 @@ the means (the warm start).
 :class:`~pqnet.bnn.BNN`, computed without Pyro's traces: the guide's Normals are handed to
 the layers directly (:func:`pqnet.bnn.layers.drawn`) and the KL is one closed-form sum.
 Pyro stays the model's language and the reference (``tests/test_fit.py`` compares them):
-without local reparameterisation the same seed gives Pyro's loss and gradients, since a
-sequential network's layers ask for their weights in the guide's order; with it, where
-Pyro also draws the weights its Linear layers never use, the two agree in distribution
-(their mean loss and gradients over many seeds).
+without local reparameterisation the same seed gives Pyro's loss and gradients when the
+layers ask for their weights in the guide's order (a sequential network's); with it,
+where Pyro also draws the weights its Linear layers never use, the two agree in
+distribution (their mean loss and gradients over many seeds). A layer called twice in one
+forward pass draws its weights twice here, where Pyro reuses one draw; pqnet's models call
+each layer once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..bnn.convert import BNN
 from ..bnn.layers import Drawn, drawn
+
+
+def weights_by_layer(bnn: BNN, make: Callable[[str], Drawn]
+                     ) -> dict[nn.Module, dict[str, Drawn]]:
+    """``{layer: {"weight": make(site), "bias": ...}}`` over the BNN's random sites, as
+    :func:`pqnet.bnn.layers.drawn` takes them."""
+    layers: dict[nn.Module, dict[str, Drawn]] = {}
+    for site in bnn.sites:
+        layer, param = bnn.site_layer(site)
+        layers.setdefault(layer, {})[param] = make(site)
+    return layers
+
+
+def means(bnn: BNN) -> dict[nn.Module, dict[str, Drawn]]:
+    """The guide's means as the weights of every layer (no noise)."""
+    return weights_by_layer(bnn, lambda site: Drawn(bnn.guide.loc_of(site)))
 
 
 class _BNNLoss(nn.Module):
@@ -27,7 +47,6 @@ class _BNNLoss(nn.Module):
     def __init__(self, bnn: BNN) -> None:
         super().__init__()
         self.bnn = bnn
-        self._sites = [(site, *bnn.site_layer(site)) for site in bnn.sites]
 
     def nll(self, x: torch.Tensor, y: torch.Tensor, dataset_size: int | None,
             weights: dict[nn.Module, dict[str, Drawn]]) -> torch.Tensor:
@@ -36,12 +55,6 @@ class _BNNLoss(nn.Module):
             f = self.bnn.net(x)
         scale = (len(x) if dataset_size is None else dataset_size) / len(x)
         return -scale * self.bnn.likelihood.log_prob(f, y)
-
-    def _by_layer(self, make) -> dict[nn.Module, dict[str, Drawn]]:
-        layers: dict[nn.Module, dict[str, Drawn]] = {}
-        for site, layer, param in self._sites:
-            layers.setdefault(layer, {})[param] = make(site)
-        return layers
 
 
 class MeanFieldELBO(_BNNLoss):
@@ -72,7 +85,8 @@ class MeanFieldELBO(_BNNLoss):
         locs = {site: guide.loc_of(site) for site in self.bnn.sites}
         scales = {site: guide.scale_of(site) for site in self.bnn.sites}
         variances = {site: scale.square() for site, scale in scales.items()}
-        weights = self._by_layer(lambda s: Drawn(locs[s], scales[s], var=variances[s]))
+        weights = weights_by_layer(self.bnn,
+                                   lambda s: Drawn(locs[s], scales[s], var=variances[s]))
         nll = sum(self.nll(x, y, dataset_size, weights) for _ in range(self.num_particles))
         return nll / self.num_particles + self.bnn.kl_weight * self.bnn.kl(locs, variances)
 
@@ -84,5 +98,4 @@ class MeansLikelihood(_BNNLoss):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor,
                 dataset_size: int | None = None) -> torch.Tensor:
-        weights = self._by_layer(lambda site: Drawn(self.bnn.guide.loc_of(site)))
-        return self.nll(x, y, dataset_size, weights)
+        return self.nll(x, y, dataset_size, means(self.bnn))

@@ -10,8 +10,10 @@ The default is a recipe, in three stages, each a short function below:
    Posteriors Really Like?", whose mean-field recipe starts from the SGD solution).
    BatchNorm statistics are then frozen (:func:`_freeze_batchnorm`).
 2. **Temperature** (:mod:`pqnet.inference.temperature`): the KL weight ``beta`` is chosen on
-   the validation part among ``1 .. 0.001``, by the held-out NLL of the tempered posterior
-   around the warm start, and the posterior scales start at that posterior's.
+   the validation part among ``1, 0.1, ..., 1e-5``, by the held-out NLL of the tempered
+   posterior around the warm start: the warmest ``beta`` that a tenfold colder one does not
+   beat by more than a paired standard error. The posterior scales start at that
+   posterior's.
 3. **SVI** (:func:`_variational`): the ELBO with KL weight ``beta`` on the whole data set,
    with Adam and a cosine schedule, checkpointed every epoch.
 
@@ -46,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .. import _checks
 from ..bnn.convert import BNN
-from ..bnn.layers import Drawn, drawn
+from ..bnn.layers import drawn
 from .batching import (
     _batch_indices,
     _shard,
@@ -58,7 +60,7 @@ from .batching import (
 )
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import _step_health, _world
-from .elbo import MeanFieldELBO, MeansLikelihood
+from .elbo import MeanFieldELBO, MeansLikelihood, means
 from .posterior import Posterior
 from .temperature import choose_kl_weight, fisher_diagonal, set_scales, tempered_scales
 
@@ -262,11 +264,7 @@ class _MeansNetwork(nn.Module):
         self.bnn = bnn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = {}
-        for site in self.bnn.sites:
-            layer, param = self.bnn.site_layer(site)
-            layers.setdefault(layer, {})[param] = Drawn(self.bnn.guide.loc_of(site))
-        with drawn(layers, local_reparam=False):
+        with drawn(means(self.bnn), local_reparam=False):
             return self.bnn.net(x)
 
 
@@ -290,13 +288,16 @@ def _prepare(bnn: BNN, data: Dataset, settings: Settings, device: torch.device,
             "batchnorm": "none" if not has_batchnorm else "frozen" if frozen else "re-estimated",
             "kl_weight": settings.kl_weight, "initial_scales": "init_scale of bayesian()"}
     if settings.warm_start or settings.validates:
+        if has_batchnorm and not frozen:  # statistics of the means, before they are used
+            _reestimate_batchnorm(bnn, fit_part, settings.batch_size, device)
+        bnn.eval()  # dropout off, BatchNorm on its running statistics
         fisher = _fisher(bnn, fit_part, settings, device)
         if settings.validates:
             prep["temperature"] = choose_kl_weight(bnn, fisher, len(fit_part), val_part,
                                                    settings.seed, device)
             prep["kl_weight"] = _broadcast(prep["temperature"]["kl_weight"])
         set_scales(bnn, tempered_scales(bnn, fisher, prep["kl_weight"], len(data)))
-        prep["initial_scales"] = "tempered Fisher (Laplace) scales at the warm start"
+        prep["initial_scales"] = "tempered empirical-Fisher diagonal at the warm start"
     return prep
 
 
@@ -564,9 +565,10 @@ def fit(
     **The default recipe** (see the module docstring): ``warm_start`` of the ``epochs``
     (``"auto"``: half) train the means by maximum likelihood on the data less a held-out
     ``val_fraction``; BatchNorm's statistics are then frozen; ``kl_weight="auto"`` chooses
-    ``beta`` among ``1, 0.3, ..., 0.001`` by the validation NLL of the tempered Laplace
-    posterior at the warm start (:mod:`pqnet.inference.temperature`), which also gives the
-    initial posterior scales; the remaining epochs are SVI on all the data, under a cosine
+    ``beta`` among ``1, 0.1, ..., 1e-5`` by the validation NLL of the tempered Laplace
+    posterior at the warm start (:mod:`pqnet.inference.temperature`, whose rule stops at the
+    warmest ``beta`` a colder one does not beat by a paired standard error), which also gives
+    the initial posterior scales; the remaining epochs are SVI on all the data, under a cosine
     schedule. The test data are never seen. ``posterior.config`` says what was chosen
     (``kl_weight``, ``tempered``, ``temperature`` with the validation NLL of each
     candidate, ``warm_start_record``, ``batchnorm``, ``initial_scales``). Pass
@@ -615,8 +617,10 @@ def fit(
             \\nabla\\mathbb E_q[\\log p(y_n \\mid x_n, w)] + \\beta\\,\\nabla\\mathrm{KL},
 
     so DDP's gradient average is the single-process gradient of the whole batch, exactly,
-    also when ``|B|`` is not a multiple of ``P``. The temperature is chosen by every
-    process alike (process 0's choice is broadcast). Process 0 writes the checkpoints;
+    also when ``|B|`` is not a multiple of ``P``, except through BatchNorm layers in train
+    mode (the warm start; SVI without one), which normalise over each process's shard. The
+    Fisher pass and the temperature are computed by every process on all the data alike
+    (process 0's choice is broadcast). Process 0 writes the checkpoints;
     every process returns the same posterior.
     """
     if not isinstance(bnn, BNN):

@@ -10,16 +10,25 @@ objective ``E_q[NLL] + beta KL(q || N(m, s^2))`` at fixed means then has
 
 the Gaussian precision of natural-gradient VI (Khan et al. 2018, "Fast and Scalable
 Bayesian Deep Learning by Weight-Perturbation in Adam", eq. 6, with the prior precision
-tempered). Each ``beta`` of a grid thus gives a posterior at no training cost; the one whose
-predictive has the lowest negative log-likelihood on held-out data is chosen, as
-Wenzel et al. (2020, "How Good is the Bayes Posterior in Deep Neural Networks Really?")
-choose the temperature of a cold posterior. ``h_i`` is the empirical Fisher, estimated from
-minibatch gradients of the mean NLL ``g_b`` as ``B E_b[g_{b,i}^2]`` (at a mode the squared
-mean gradient is small next to the per-example variance ``B Var(g_b)``).
+tempered). Each ``beta`` of a grid thus gives a posterior at no training cost, scored by
+the negative log-likelihood of its predictive on held-out data, as Wenzel et al. (2020,
+"How Good is the Bayes Posterior in Deep Neural Networks Really?") choose the temperature
+of a cold posterior.
+
+The rule walks the grid from the exact ELBO (``beta = 1``) down and stops at the first
+``beta`` whose tenfold colder neighbour does not improve the held-out NLL by more than
+one paired standard error (the same examples and draws score both): the warmest
+temperature the validation data cannot tell from a colder one, so the grid's floor is
+reached only when every step down still pays. With the means held at the warm start this
+score favours cold posteriors (it cannot see SVI's regularisation of the means), which the
+rule tempers. ``h_i`` is the empirical Fisher from minibatch gradients of the mean NLL
+``g_b``, ``B E_b[g_{b,i}^2] = B \bar g_i^2 + Var_n(g_{n,i})``: the per-example Fisher plus
+the squared mean gradient, which is not zero before the warm start has converged.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -28,11 +37,11 @@ from ..bnn.convert import BNN
 from ..bnn.guide import _key, softplus_inverse
 from ..bnn.layers import Drawn, drawn
 from .batching import batches, check_batch
-from .elbo import MeansLikelihood
+from .elbo import MeansLikelihood, weights_by_layer
 
 KL_WEIGHTS = (1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5)
 """The KL weights ``fit(kl_weight="auto")`` chooses from: 1 (the exact ELBO) down to 1e-5."""
-DRAWS = 8
+DRAWS = 16
 """Posterior draws per temperature on the validation data (the same draws for each)."""
 
 
@@ -67,45 +76,50 @@ def tempered_scales(bnn: BNN, fisher: dict[str, torch.Tensor], kl_weight: float,
 
 
 def set_scales(bnn: BNN, scales: dict[str, torch.Tensor]) -> None:
-    """Start the guide's scales at ``scales`` (fixed weights keep theirs)."""
+    """Start the guide's scales at ``scales`` (a fixed weight's scale stays its own: the
+    guide masks it)."""
     with torch.no_grad():
         for site in bnn.sites:
             bnn.guide.rho[_key(site)].copy_(softplus_inverse(scales[site].clamp_min(1e-12)))
 
 
 @torch.no_grad()
-def predictive_nll(bnn: BNN, scales: dict[str, torch.Tensor], data, batch_size: int,
-                   seed: int, device: torch.device, draws: int = DRAWS) -> float:
-    """Held-out NLL per example of the predictive ``(1/S) sum_s p(y | x, w_s)``, ``w_s ~
-    N(mu, scales^2)``, with the draws of ``seed`` (whole networks, shared by all examples)."""
+def predictive_log_lik(bnn: BNN, scales: dict[str, torch.Tensor], data, batch_size: int,
+                       seed: int, device: torch.device, draws: int = DRAWS) -> torch.Tensor:
+    """Per held-out example, ``log (1/S) sum_s p(y | x, w_s)``, ``w_s ~ N(mu, scales^2)``,
+    with the draws of ``seed`` (whole networks, shared by all examples)."""
     gen = torch.Generator().manual_seed(seed)
     log_lik = []
     for _ in range(draws):
-        layers = {}
-        for site in bnn.sites:
-            layer, param = bnn.site_layer(site)
+        def draw(site: str) -> Drawn:
             loc = bnn.guide.loc_of(site)
-            eps = torch.randn(loc.shape, generator=gen).to(device)
-            layers.setdefault(layer, {})[param] = Drawn(loc, scales[site], eps)
+            return Drawn(loc, scales[site], torch.randn(loc.shape, generator=gen).to(device))
+
         parts = []
-        with drawn(layers, local_reparam=False):
+        with drawn(weights_by_layer(bnn, draw), local_reparam=False):
             for x, y in batches(data, batch_size, shuffle=False, device=device):
+                check_batch(bnn.likelihood.kind, x, y, "train_dataset")
                 f = bnn.net(x)
                 if bnn.likelihood.kind == "normal":
                     y = y.reshape(f.shape).to(f.dtype)
                 parts.append(bnn.likelihood.distribution(f).log_prob(y).double())
         log_lik.append(torch.cat(parts))
-    mixture = torch.logsumexp(torch.stack(log_lik), 0) - math.log(draws)
-    return float(-mixture.mean())
+    return torch.logsumexp(torch.stack(log_lik), 0) - math.log(draws)
 
 
 def choose_kl_weight(bnn: BNN, fisher: dict[str, torch.Tensor], fit_size: int, val_part,
                      seed: int, device: torch.device) -> dict:
-    """The KL weight of :data:`KL_WEIGHTS` whose tempered posterior around the current means
-    (``fisher`` estimated on ``fit_size`` examples) predicts ``val_part`` best; returns
-    ``{"kl_weight", "grid", "val_nll", "val_size", "draws"}``."""
-    nlls = [predictive_nll(bnn, tempered_scales(bnn, fisher, beta, fit_size), val_part,
-                           1000, seed, device) for beta in KL_WEIGHTS]
-    best = min(range(len(KL_WEIGHTS)), key=lambda i: (nlls[i], -KL_WEIGHTS[i]))
-    return {"kl_weight": KL_WEIGHTS[best], "grid": list(KL_WEIGHTS), "val_nll": nlls,
-            "val_size": len(val_part), "draws": DRAWS}
+    """The KL weight of :data:`KL_WEIGHTS` chosen on ``val_part`` by the rule in the module
+    docstring, for the tempered posteriors around the current means (``fisher`` estimated
+    on ``fit_size`` examples). Returns ``{"kl_weight", "grid", "val_nll",
+    "val_nll_step_se", "val_size", "draws", "at_grid_floor"}``."""
+    scores = [predictive_log_lik(bnn, tempered_scales(bnn, fisher, beta, fit_size), val_part,
+                                 1000, seed, device) for beta in KL_WEIGHTS]
+    nlls = [float(-score.mean()) for score in scores]
+    step_se = [float((colder - warmer).std() / math.sqrt(len(warmer)))
+               for warmer, colder in itertools.pairwise(scores)]
+    chosen = next((i for i in range(len(step_se))
+                   if nlls[i] - nlls[i + 1] <= step_se[i]), len(KL_WEIGHTS) - 1)
+    return {"kl_weight": KL_WEIGHTS[chosen], "grid": list(KL_WEIGHTS), "val_nll": nlls,
+            "val_nll_step_se": step_se, "val_size": len(val_part), "draws": DRAWS,
+            "at_grid_floor": chosen == len(KL_WEIGHTS) - 1}
