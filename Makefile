@@ -41,7 +41,7 @@ bench: .venv/.bench
 # `make mutation MUTATE='pqnet._io.* pqnet.quantize.budget.*'`; JOBS mutants run at once.
 MUTMUT  := .venv/bin/mutmut
 JOBS    ?= 1
-MUTATE  ?= pqnet._io.* pqnet.quantize.* pqnet.diagnostics.* pqnet.inference.* pqnet.bnn.*
+MUTATE  ?= pqnet._io.* pqnet._checks.* pqnet.quantize.* pqnet.diagnostics.* pqnet.inference.* pqnet.bnn.*
 
 .venv/.mutmut: .venv/.bench
 	$(PIP) install -q -c constraints.txt mutmut==3.8.1

@@ -477,3 +477,44 @@ def test_reliability_divergence_and_auroc_by_hand():
     mixed_in = torch.cat([confident, unsure])  # in: one low, one high; ood: one middle
     middle = torch.tensor([[0.8, 0.2]])
     assert entropy_auroc(mixed_in, middle) == 0.5
+
+
+# --------------------------------------------------------------------------- pqnet._checks
+
+
+@pytest.mark.parametrize(("check", "good", "bad"), [
+    (lambda v: _checks.positive_int("n", v), [1, 7], [0, -1, 1.0, True, "1"]),
+    (lambda v: _checks.nonnegative_int("n", v), [0, 3], [-1, 0.0, False, None]),
+    (lambda v: _checks.positive_float("n", v), [1e-300, 2, 0.5], [0, 0.0, -1e-9, math.inf,
+                                                                   math.nan, True, "1"]),
+    (lambda v: _checks.nonnegative_float("n", v), [0, 0.0, 3.5], [-1e-9, math.inf, math.nan,
+                                                                   False]),
+    (lambda v: _checks.fraction("n", v), [1e-9, 0.5, 1 - 1e-9], [0, 0.0, 1, 1.0, -0.5, 2,
+                                                                  math.nan, True]),
+    (lambda v: _checks.above("n", v, 1.0), [1.0001, 5], [1.0, 0.5, math.inf, math.nan]),
+    (lambda v: _checks.int_in("n", v, 1, 8), [1, 8], [0, 9, 2.0, True]),
+    (lambda v: _checks.flag("n", v), [True, False], [1, 0, None, "yes"]),
+    (lambda v: _checks.seed(v, "n"), [0, -3, 2**40], [1.5, True, None, "0"]),
+    (lambda v: _checks.one_of("n", v, ("a", "b")), ["a", "b"], ["c", None]),
+])
+def test_argument_checks_take_the_boundary_right(check, good, bad):
+    """Each rule of pqnet._checks on its boundary values: the good pass through unchanged
+    (as the canonical type), the bad raise a ValueError naming the argument."""
+    for value in good:
+        assert check(value) == value
+    for value in bad:
+        with pytest.raises(ValueError, match=r"^n: expected"):
+            check(value)
+
+
+def test_device_check():
+    assert _checks.device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^device: 'tpu:7' is not a torch device"):
+        _checks.device("tpu:7")
+    if torch.cuda.is_available():
+        assert _checks.device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ValueError, match=r"^device: CUDA was asked for"):
+            _checks.device("cuda")
+        with pytest.raises(ValueError, match=r"^gpu: CUDA was asked for"):
+            _checks.device("cuda:0", name="gpu")

@@ -71,18 +71,18 @@ def test_digits_fit_is_accurate_fast_and_recorded(digits, digits_posterior):
 
 
 def test_the_temperature_is_chosen_on_held_out_training_data(digits, digits_posterior):
-    """kl_weight="auto": going down the grid from 1, the choice is the first KL weight that
-    a tenfold colder one does not beat on validation by more than a paired standard error;
-    the validation part is a stratified tenth of the training data, disjoint from the rest."""
+    """kl_weight="auto": the choice is the warmest KL weight whose validation NLL is within
+    one paired standard error of the best (the one-standard-error rule); the validation
+    part is a stratified tenth of the training data, disjoint from the rest."""
     from pqnet.inference.batching import split_validation
 
     train, _ = digits
     choice = digits_posterior.config["temperature"]
-    nll, se, grid = choice["val_nll"], choice["val_nll_step_se"], choice["grid"]
-    assert grid == [1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5] and len(se) == 5
-    chosen = grid.index(choice["kl_weight"])
-    assert all(nll[i] - nll[i + 1] > se[i] for i in range(chosen))  # each step down paid
-    assert chosen == 5 or nll[chosen] - nll[chosen + 1] <= se[chosen]  # the next did not
+    nll, se, grid = choice["val_nll"], choice["val_nll_se_to_best"], choice["grid"]
+    assert grid == [1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5] and len(se) == 6
+    chosen, best = grid.index(choice["kl_weight"]), min(range(6), key=nll.__getitem__)
+    assert se[best] == 0 and nll[chosen] - nll[best] <= se[chosen]
+    assert all(nll[i] - nll[best] > se[i] for i in range(chosen))  # every warmer one is worse
     assert choice["at_grid_floor"] == (chosen == 5)
     fit_part, val_part = split_validation(train, 0.1, seed=0)
     assert choice["val_size"] == len(val_part) and len(fit_part) + len(val_part) == len(train)

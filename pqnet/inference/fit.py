@@ -11,9 +11,8 @@ The default is a recipe, in three stages, each a short function below:
    BatchNorm statistics are then frozen (:func:`_freeze_batchnorm`).
 2. **Temperature** (:mod:`pqnet.inference.temperature`): the KL weight ``beta`` is chosen on
    the validation part among ``1, 0.1, ..., 1e-5``, by the held-out NLL of the tempered
-   posterior around the warm start: the warmest ``beta`` that a tenfold colder one does not
-   beat by more than a paired standard error. The posterior scales start at that
-   posterior's.
+   posterior around the warm start: the warmest ``beta`` within one paired standard error
+   of the best. The posterior scales start at that posterior's.
 3. **SVI** (:func:`_variational`): the ELBO with KL weight ``beta`` on the whole data set,
    with Adam and a cosine schedule, checkpointed every epoch.
 
@@ -566,9 +565,9 @@ def fit(
     (``"auto"``: half) train the means by maximum likelihood on the data less a held-out
     ``val_fraction``; BatchNorm's statistics are then frozen; ``kl_weight="auto"`` chooses
     ``beta`` among ``1, 0.1, ..., 1e-5`` by the validation NLL of the tempered Laplace
-    posterior at the warm start (:mod:`pqnet.inference.temperature`, whose rule stops at the
-    warmest ``beta`` a colder one does not beat by a paired standard error), which also gives
-    the initial posterior scales; the remaining epochs are SVI on all the data, under a cosine
+    posterior at the warm start (:mod:`pqnet.inference.temperature`: the warmest ``beta``
+    within one paired standard error of the best), which also gives the initial posterior
+    scales; the remaining epochs are SVI on all the data, under a cosine
     schedule. The test data are never seen. ``posterior.config`` says what was chosen
     (``kl_weight``, ``tempered``, ``temperature`` with the validation NLL of each
     candidate, ``warm_start_record``, ``batchnorm``, ``initial_scales``). Pass

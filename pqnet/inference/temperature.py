@@ -15,20 +15,19 @@ the negative log-likelihood of its predictive on held-out data, as Wenzel et al.
 "How Good is the Bayes Posterior in Deep Neural Networks Really?") choose the temperature
 of a cold posterior.
 
-The rule walks the grid from the exact ELBO (``beta = 1``) down and stops at the first
-``beta`` whose tenfold colder neighbour does not improve the held-out NLL by more than
-one paired standard error (the same examples and draws score both): the warmest
-temperature the validation data cannot tell from a colder one, so the grid's floor is
-reached only when every step down still pays. With the means held at the warm start this
-score favours cold posteriors (it cannot see SVI's regularisation of the means), which the
-rule tempers. ``h_i`` is the empirical Fisher from minibatch gradients of the mean NLL
-``g_b``, ``B E_b[g_{b,i}^2] = B \bar g_i^2 + Var_n(g_{n,i})``: the per-example Fisher plus
-the squared mean gradient, which is not zero before the warm start has converged.
+The rule is the one-standard-error rule (Hastie, Tibshirani & Friedman, "The Elements of
+Statistical Learning", 7.10): the warmest ``beta`` whose held-out NLL is within one paired
+standard error of the best one's (the same examples and draws score both), so that a
+colder posterior is chosen only when the validation data can tell it is better. With the
+means held at the warm start this score favours cold posteriors (it cannot see SVI's
+regularisation of the means), which the rule tempers. ``h_i`` is the empirical Fisher
+from minibatch gradients of the mean NLL ``g_b``,
+``B E_b[g_{b,i}^2] = B \bar g_i^2 + Var_n(g_{n,i})``: the per-example Fisher plus the
+squared mean gradient, which is not zero before the warm start has converged.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -112,14 +111,13 @@ def choose_kl_weight(bnn: BNN, fisher: dict[str, torch.Tensor], fit_size: int, v
     """The KL weight of :data:`KL_WEIGHTS` chosen on ``val_part`` by the rule in the module
     docstring, for the tempered posteriors around the current means (``fisher`` estimated
     on ``fit_size`` examples). Returns ``{"kl_weight", "grid", "val_nll",
-    "val_nll_step_se", "val_size", "draws", "at_grid_floor"}``."""
+    "val_nll_se_to_best", "val_size", "draws", "at_grid_floor"}``."""
     scores = [predictive_log_lik(bnn, tempered_scales(bnn, fisher, beta, fit_size), val_part,
                                  1000, seed, device) for beta in KL_WEIGHTS]
     nlls = [float(-score.mean()) for score in scores]
-    step_se = [float((colder - warmer).std() / math.sqrt(len(warmer)))
-               for warmer, colder in itertools.pairwise(scores)]
-    chosen = next((i for i in range(len(step_se))
-                   if nlls[i] - nlls[i + 1] <= step_se[i]), len(KL_WEIGHTS) - 1)
+    best = min(range(len(nlls)), key=nlls.__getitem__)
+    se = [float((score - scores[best]).std() / math.sqrt(len(score))) for score in scores]
+    chosen = next(i for i in range(len(nlls)) if nlls[i] - nlls[best] <= se[i])
     return {"kl_weight": KL_WEIGHTS[chosen], "grid": list(KL_WEIGHTS), "val_nll": nlls,
-            "val_nll_step_se": step_se, "val_size": len(val_part), "draws": DRAWS,
+            "val_nll_se_to_best": se, "val_size": len(val_part), "draws": DRAWS,
             "at_grid_floor": chosen == len(KL_WEIGHTS) - 1}
