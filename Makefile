@@ -28,7 +28,7 @@ test: .venv/.bench
 	$(PY) -m pytest -q --randomly-seed=2026
 
 bench: .venv/.bench
-	$(PY) benchmarks/train_speed.py --data-dir $(MNIST)
+	$(PY) benchmarks/train_speed.py --data-dir $(MNIST) --profile
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pqnet bench --model lenet5 --data mnist --data-dir $(MNIST) \
 		--bnn-init deterministic --bnn-epochs 10 --lr-schedule cosine --kl-weight 0.1 \
 		--finetune-epochs 2 --json benchmarks/quantize_lenet5.json \
