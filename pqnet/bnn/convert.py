@@ -108,8 +108,8 @@ class BNN(PyroModule):
         return f
 
     def prior_distribution(self, site: str) -> dist.Distribution:
-        module_path, _, param = site.removeprefix("net.").rpartition(".")
-        return _prior_for(param)(self.net.get_submodule(module_path))
+        layer, param = self.site_layer(site)
+        return _prior_for(param)(layer)
 
     def fix(self, site: str, mask: torch.Tensor, value: torch.Tensor) -> None:
         """Fix the weights of ``site`` where ``mask`` to ``value`` (weight fixing, PWFN).
@@ -121,8 +121,7 @@ class BNN(PyroModule):
         stay fixed (``mask`` must cover them).
         """
         self.guide.fix(site, mask, value)
-        module_path, _, param = site.removeprefix("net.").rpartition(".")
-        layer = self.net.get_submodule(module_path)
+        layer, param = self.site_layer(site)
         shape = layer.pqnet_shapes[param]
         for kind, fixed in (("loc", value), ("scale", FIXED_SCALE)):
             prior = getattr(layer, f"{param}_prior_{kind}").expand(shape)
@@ -131,9 +130,13 @@ class BNN(PyroModule):
                     torch.where(mask.to(prior.device), fixed, prior).detach())
 
     def site_layer(self, site: str) -> tuple[nn.Module, str]:
-        """The Bayesian layer that holds ``site`` and the parameter's name in it."""
-        module_path, _, param = site.removeprefix("net.").rpartition(".")
-        return self.net.get_submodule(module_path), param
+        """The Bayesian layer that holds ``site`` and the parameter's name in it (looked up
+        once: the losses ask for every site at every step)."""
+        cache = self.__dict__.setdefault("_site_layers", {})
+        if site not in cache:
+            module_path, _, param = site.removeprefix("net.").rpartition(".")
+            cache[site] = (self.net.get_submodule(module_path), param)
+        return cache[site]
 
     def prior_parameters(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The prior's mean and scale of ``site`` (scalars, or tensors of its shape)."""

@@ -67,8 +67,7 @@ def tempered_scales(bnn: BNN, fisher: dict[str, torch.Tensor], kl_weight: float,
     """``sigma_i(beta) = sqrt(beta / (N h_i + beta / s_i^2))`` for every random weight."""
     scales = {}
     for site in bnn.sites:
-        layer, param = bnn.site_layer(site)
-        prior_precision = getattr(layer, f"{param}_prior_scale").square().reciprocal()
+        prior_precision = bnn.prior_parameters(site)[1].square().reciprocal()
         precision = dataset_size * fisher[site] + kl_weight * prior_precision
         scales[site] = (kl_weight / precision).sqrt().expand_as(fisher[site])
     return scales
