@@ -138,14 +138,14 @@ def main() -> None:
     qnet = pqnet.quantize(posterior, "pwfn", retrain_epochs=0)
     end_to_end_s = time.perf_counter() - start
     print(f"pqnet.quantize(..., 'pwfn', retrain_epochs=0) end to end: {end_to_end_s:.2f} s, "
-          f"{qnet.unique_values} unique values, entropy {qnet.entropy_bits:.2f} bits, "
+          f"{qnet.unique_values} unique values, value entropy {qnet.value_entropy_bits:.2f} bits, "
           f"process peak {peak_mib():.0f} MiB")
     result = {"weights": len(mu), "subset": args.subset, "same_assignment_on_subset": same,
               "subset_seconds": {"pqnet": ours_subset_s, "dense": dense_subset_s},
               "speedup_on_subset": dense_subset_s / ours_subset_s,
               "assignment_seconds": assign_s, "assignment_peak_mib": assign_mib,
               "end_to_end_seconds": end_to_end_s, "process_peak_mib": peak_mib(),
-              "unique_values": qnet.unique_values, "entropy_bits": qnet.entropy_bits,
+              "unique_values": qnet.unique_values, "value_entropy_bits": qnet.value_entropy_bits,
               "torch_threads": torch.get_num_threads()}
     save_json(result, args.json)
     print(json.dumps(result, indent=1))

@@ -42,13 +42,15 @@ def one_seed(model: str, train, test, seed: int, args, folder: Path) -> list[dic
         qnet = pqnet.quantize(posterior, "pwfn", data=train, seed=seed, threshold=threshold,
                               retrain_epochs=args.retrain_epochs)
         seconds = time.perf_counter() - start
-        loaded = QuantizedNet.load(qnet.save(folder / f"{model}_{seed}_{threshold:g}.pt"))
+        loaded = QuantizedNet.load(qnet.save(folder / f"{model}_{seed}_{threshold:g}.pqn"))
         accuracy = pqnet.evaluate(loaded.to_module(), test)["accuracy"]
         rows.append({"model": model, "seed": seed, "threshold": threshold,
                      "float": float_accuracy, "pwfn_mean": mean_accuracy,
                      "accuracy": accuracy, "drop_pp": 100 * (float_accuracy - accuracy),
-                     "unique_values": loaded.unique_values, "entropy_bits": loaded.entropy_bits,
-                     "avg_bits": loaded.avg_bits, "size_bytes": loaded.size_bytes,
+                     "unique_values": loaded.unique_values,
+                     "value_entropy_bits": loaded.value_entropy_bits,
+                     "code_entropy_bits": loaded.code_entropy_bits, "avg_bits": loaded.avg_bits,
+                     "size_bytes": loaded.size_bytes, "bits_per_weight": loaded.bits_per_weight,
                      "seconds": seconds})
         print(format_table(rows[-1:], list(rows[-1])), flush=True)
     return rows
@@ -72,14 +74,16 @@ def main() -> None:
         for seed in args.seeds:
             rows += one_seed(args.model, train, test, seed, args, Path(tmp))
     columns = ["model", "seed", "threshold", "float", "accuracy", "drop_pp", "unique_values",
-               "entropy_bits", "avg_bits", "size_bytes"]
+               "value_entropy_bits", "code_entropy_bits", "avg_bits", "size_bytes",
+               "bits_per_weight"]
     print(format_table(rows, columns))
     summary = []
     for threshold in args.thresholds:
         mine = [r for r in rows if r["threshold"] == threshold]
         summary.append({"threshold": threshold, **{
             key: statistics.mean(r[key] for r in mine)
-            for key in ("drop_pp", "unique_values", "entropy_bits", "accuracy")},
+            for key in ("drop_pp", "unique_values", "value_entropy_bits", "size_bytes",
+                        "accuracy")},
             "worst_drop_pp": max(r["drop_pp"] for r in mine)})
     print(format_table(summary, list(summary[0])))
     save_json({"config": vars(args), "rows": rows, "mean_over_seeds": summary}, args.json)

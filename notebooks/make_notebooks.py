@@ -76,7 +76,8 @@ for, at an average of at most 3 bits per weight.
     code("""
 qnet = pqnet.quantize(posterior, "quantile-inform", avg_bits=3.0)
 print(qnet)
-print(format_table(qnet.summary(), ["layer", "shape", "bits", "unique_values", "bytes"]))
+print(format_table(qnet.summary(),
+                   ["layer", "shape", "bits", "unique_values", "code_entropy_bits"]))
 pqnet.evaluate(qnet.to_module(), test)"""),
     md("""
 ## Diagnose with ArviZ

@@ -30,13 +30,12 @@ and the same Adam learning rate for every network that is trained:
 Every quantized network is written to a file (:meth:`QuantizedNet.save`), read back, and its
 ``accuracy``, ``nll`` and ``ece`` are those of the **loaded** copy on the test split
 (``pqnet.evaluate(loaded.to_module(), test)``). Accounting is the one of
-:class:`~pqnet.quantize.QuantizedNet`: ``avg_bits`` (code bits per conv/linear weight),
-``size_bytes`` (packed codes + codebooks or grid scales + float32 biases and the rest),
-``unique_values`` and ``entropy_bits`` of the pooled weight values, ``layer_bits`` (mean width
-per layer). A brevitas net is exported as a QuantizedNet whose codes are brevitas's integer
-weights (``quant_weight().int()``) and whose codebook is ``scale * integers``; its
-``size_bytes`` counts the codes at ``b`` bits, one float32 per scale (one per tensor, or per
-channel where brevitas keeps one per channel) and the float32 rest, as for a grid.
+:class:`~pqnet.quantize.QuantizedNet`, for every row alike: ``size_bytes`` is the length of
+the saved file (:mod:`pqnet.quantize.codec`), ``bits_per_weight = 8 * size_bytes / N``
+the headline; ``code_entropy_bits`` (the coder's bound), ``avg_bits`` (fixed-width code bits,
+no codebooks or floats), ``unique_values`` and ``layer_bits`` (mean width per layer) describe
+it. A brevitas net is exported as a QuantizedNet whose codes are brevitas's integer weights
+(``quant_weight().int()``) and whose codebook is ``scale * integers``, stored as its values.
 ``seconds`` is the time spent quantizing: the ``quantize`` call (fine-tuning included) for a
 row, the whole training for brevitas-qat and for the deterministic net.
 
@@ -67,7 +66,7 @@ from .diagnostics.table import format_table
 from .inference import Posterior, evaluate, fit
 from .inference.batching import batches
 from .quantize import METHODS, QuantizedLayer, QuantizedNet, quantize
-from .quantize.qnet import FLOAT_BYTES
+from .quantize.codec import raw_bytes
 
 __all__ = ["BREVITAS_BITS", "BUDGETS", "KMEANS_KS", "brevitas_available", "brevitas_net",
            "print_results", "qat_to_qnet", "run_benchmark", "train_network"]
@@ -151,16 +150,15 @@ def brevitas_net(module: nn.Module, bits: int) -> nn.Module:
     return out
 
 
-def qat_to_qnet(qat: nn.Module, template: nn.Module, bits: int) -> tuple[QuantizedNet, int]:
+def qat_to_qnet(qat: nn.Module, template: nn.Module, bits: int) -> QuantizedNet:
     """Export a trained brevitas net as a :class:`QuantizedNet` on the float ``template``.
 
     Each quantized layer's integer weights ``n_i = quant_weight().int()`` become the codes
     ``n_i + 2^(b-1)`` into the codebook ``scale * (-2^(b-1) .. 2^(b-1) - 1)`` (one row per
     scale), so the decoded weights are brevitas's ``quant_weight().value``; biases and
-    everything else are copied from ``qat`` into ``template``. Returns the net and the number
-    of float32 scales (what the size accounts for instead of the codebook values).
+    everything else are copied from ``qat`` into ``template``.
     """
-    layers, scales = {}, 0
+    layers = {}
     for path, layer in qat.named_modules():
         if not hasattr(layer, "quant_weight") or not hasattr(layer, "weight_quant"):
             continue
@@ -175,11 +173,10 @@ def qat_to_qnet(qat: nn.Module, template: nn.Module, bits: int) -> tuple[Quantiz
         layers[path] = QuantizedLayer((ints - low).to(torch.uint8),
                                       torch.full(ints.shape, bits, dtype=torch.uint8),
                                       {bits: levels.float()})
-        scales += scale.numel()
     state = qat.state_dict()
     module = copy.deepcopy(template).cpu()
     module.load_state_dict({k: state[k] for k in module.state_dict()})
-    return QuantizedNet(layers, module, "brevitas-qat", {"bits": bits}), scales
+    return QuantizedNet(layers, module, "brevitas-qat", {"bits": bits})
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -220,15 +217,19 @@ def _measure(qnet: QuantizedNet, file: Path, test: Dataset) -> tuple[dict, Quant
     """Save ``qnet`` to ``file``, load it back and score the loaded copy on ``test``."""
     qnet.save(file)
     loaded = QuantizedNet.load(file)
+    if file.stat().st_size != loaded.size_bytes:  # the size is the file: never otherwise
+        raise RuntimeError(f"{file}: {file.stat().st_size} bytes on disk, size_bytes "
+                           f"{loaded.size_bytes}")
     return _scores(evaluate(loaded.to_module(), test)), loaded
 
 
 def _row(method: str, budget: float, qnet: QuantizedNet, scores: dict, seconds: float,
          **extra) -> dict:
-    return {"method": method, "budget": float(budget), "avg_bits": qnet.avg_bits, **scores,
-            "unique_values": qnet.unique_values, "entropy_bits": qnet.entropy_bits,
-            "size_bytes": qnet.size_bytes, "seconds": seconds, "layer_bits": qnet.layer_bits,
-            **extra}
+    return {"method": method, "budget": float(budget), "size_bytes": qnet.size_bytes,
+            "bits_per_weight": qnet.bits_per_weight, **scores,
+            "code_entropy_bits": qnet.code_entropy_bits, "avg_bits": qnet.avg_bits,
+            "unique_values": qnet.unique_values, "seconds": seconds,
+            "layer_bits": qnet.layer_bits, "sizes": qnet.sizes, **extra}
 
 
 def row_label(row: dict) -> str:
@@ -250,15 +251,16 @@ def print_results(results: dict, log: Callable[[str], None] = print) -> None:
     log(format_table(refs, ["network", "accuracy", "nll", "ece", "size_bytes"]))
     log("")
     rows = [{**r, "method": row_label(r)} for r in results["rows"]]
-    log(format_table(rows, ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
-                            "unique_values", "entropy_bits", "size_bytes", "seconds"]))
+    log(format_table(rows, ["method", "budget", "size_bytes", "bits_per_weight", "accuracy",
+                            "nll", "ece", "code_entropy_bits", "avg_bits", "unique_values",
+                            "seconds"]))
     for skip in results["skipped"]:
         log(f"skipped: {skip}")
 
 
 def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
                    methods: Sequence[str], budgets: Sequence[float], kmeans_ks: Sequence[int],
-                   folder: Path, seed: int = 0, keep: bool = False,
+                   folder: Path, seed: int = 0,
                    skipped: list[str] | None = None, log: Callable[[str], None] = print,
                    pwfn_thresholds: Sequence[float] = (1.0,), pwfn_options: dict | None = None,
                    **options) -> list[dict]:
@@ -289,9 +291,9 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
             log(f"skipped: {skipped[-1]}")
             continue
         seconds = time.perf_counter() - start
-        file = folder / f"{stem}.pt"
+        file = folder / f"{stem}.pqn"
         scores, loaded = _measure(qnet, file, test)
-        info = {"file": file.name} if keep else {}
+        info = {"file": file.name}
         if method in ("kmeans", "pwfn"):
             key = "k" if method == "kmeans" else "threshold"
             info[key] = keywords[key]
@@ -338,7 +340,7 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     ``{"model", "data", "seed", "epochs", "data_note", "config", "num_weights",
     "float_size_bytes", "float": {accuracy, nll, ece}, "float_mean": {...},
     "deterministic": {accuracy, nll, ece, seconds}, "rows": [{method, budget, avg_bits,
-    accuracy, nll, ece, unique_values, entropy_bits, size_bytes, seconds, layer_bits, ...}],
+    size_bytes, bits_per_weight, accuracy, nll, ece, code_entropy_bits, avg_bits, ...}],
     "skipped": [...]}``
     """
     if model not in models.MODELS:
@@ -395,8 +397,7 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                    "brevitas_bits": brevitas_bits, "fit_seconds": fit_seconds,
                    "torch": torch.__version__},
         "num_weights": posterior.num_weights,
-        "float_size_bytes": FLOAT_BYTES * sum(
-            t.numel() for t in posterior.mean_module().state_dict().values()),
+        "float_size_bytes": raw_bytes(posterior.mean_module().state_dict().values()),
         "float": _scores(evaluate(posterior, test, num_samples=num_samples, seed=seed)),
         "float_mean": _scores(evaluate(posterior.mean_module(), test)),
         "deterministic": deterministic,
@@ -405,10 +406,9 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     # every quantizer at every budget; each scored on its saved-and-loaded copy
     with tempfile.TemporaryDirectory(prefix="pqnet-bench-") as tmp:
         folder = Path(save_dir) if save_dir is not None else Path(tmp)
-        keep = save_dir is not None
         rows = quantized_rows(posterior, train, test,
                               methods=[m for m in methods if m != "pwfn"], budgets=budgets,
-                              kmeans_ks=kmeans_ks, seed=seed, folder=folder, keep=keep,
+                              kmeans_ks=kmeans_ks, seed=seed, folder=folder,
                               skipped=skipped, log=log, **extra)
         if "pwfn" in methods:  # PWFN's own pipeline: its prior, from the trained net
             start = time.perf_counter()
@@ -420,7 +420,7 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
             log(f"PWFN posterior fitted: {pwfn_epochs} epochs in {prefit:.1f} s")
             pwfn_rows = quantized_rows(
                 pwfn_posterior, train, test, methods=["pwfn"], budgets=[], kmeans_ks=[],
-                seed=seed, folder=folder, keep=keep, skipped=skipped, log=log,
+                seed=seed, folder=folder, skipped=skipped, log=log,
                 pwfn_thresholds=pwfn_thresholds,
                 pwfn_options={"retrain_epochs": pwfn_retrain_epochs, "lr": lr,
                               "batch_size": batch_size})
@@ -445,15 +445,11 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                 seconds = train_network(qat, train, epochs=epochs, batch_size=batch_size,
                                         lr=lr, seed=seed)
                 qat_accuracy = float(evaluate(qat, test)["accuracy"])
-                qnet, scales = qat_to_qnet(qat, _fresh(model, train, seed), bits)
-            file = folder / f"brevitas-qat_{bits}bit.pt"
+                qnet = qat_to_qnet(qat, _fresh(model, train, seed), bits)
+            file = folder / f"brevitas-qat_{bits}bit.pqn"
             scores, loaded = _measure(qnet, file, test)
             row = _row("brevitas-qat", bits, loaded, scores, seconds,
-                       qat_module_accuracy=qat_accuracy,
-                       **({"file": file.name} if keep else {}))
-            sizes = loaded.sizes
-            row["size_bytes"] = sizes["codes"] + sizes["bit_map"] + FLOAT_BYTES * scales \
-                + sizes["float32"]
+                       qat_module_accuracy=qat_accuracy, file=file.name)
             rows.append(row)
             log(f"brevitas-qat {bits} bits: accuracy {scores['accuracy']:.4f} "
                 f"(brevitas module {qat_accuracy:.4f}), {seconds:.1f} s")

@@ -167,12 +167,12 @@ def _demo(args: argparse.Namespace) -> None:
         return
     train, test = datasets.load("digits")
     rows = quantized_rows(posterior, train, test, methods=list(METHODS), budgets=DEMO_BUDGETS,
-                          kmeans_ks=(4, 8, 16), folder=args.out / "quantized", keep=True,
+                          kmeans_ks=(4, 8, 16), folder=args.out / "quantized",
                           seed=args.seed, log=lambda line: None)
     print()
     print(format_table([{**r, "method": row_label(r)} for r in rows],
-                       ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
-                        "unique_values", "size_bytes"]))
+                       ["method", "budget", "size_bytes", "bits_per_weight", "accuracy", "nll",
+                        "ece", "code_entropy_bits", "avg_bits"]))
     save_json({**result, "rows": rows}, args.out / "quantize.json", *DEMO_FORMAT)
     print(f"each row scored on its saved and reloaded copy in {args.out}/quantized/; "
           f"table in {args.out}/quantize.json")
@@ -243,8 +243,8 @@ def _search(args: argparse.Namespace) -> None:
     result.plot(out / "search.png", others={k: r for k, r in results.items() if k != "gp"})
     rows = []
     for name, found in results.items():
-        found.qnet.save(out / f"{name}_qnet.pt")
-        loaded = QuantizedNet.load(out / f"{name}_qnet.pt")  # scored as it was written
+        found.qnet.save(out / f"{name}_qnet.pqn")
+        loaded = QuantizedNet.load(out / f"{name}_qnet.pqn", module=posterior.module)  # as written
         rows.append({"search": name, "bits": " ".join(map(str, found.best["bits"])),
                      "avg_bits": loaded.avg_bits, "val": found.best["accuracy"],
                      "objective": found.best_value,
@@ -254,7 +254,7 @@ def _search(args: argparse.Namespace) -> None:
     print(format_table(rows, ["search", "bits", "avg_bits", "val", "objective", "test",
                               "epochs", "evaluations"]))
     print(f"layers: {', '.join(result.best_bits)}; wrote {out}/: trace.json, search.png, "
-          f"{', '.join(f'{k}_qnet.pt' for k in results)}")
+          f"{', '.join(f'{k}_qnet.pqn' for k in results)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

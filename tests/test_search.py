@@ -263,10 +263,10 @@ def test_cli_search(digits, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "gp" in printed and "random" in printed
-    for name in ("trace.json", "random_trace.json", "search.png", "gp_qnet.pt",
-                 "random_qnet.pt"):
+    for name in ("trace.json", "random_trace.json", "search.png", "gp_qnet.pqn",
+                 "random_qnet.pqn"):
         assert (out / name).is_file(), name
     trace = SearchResult.load(out / "trace.json")
-    assert trace.cost <= 2.5 and pqnet.QuantizedNet.load(out / "gp_qnet.pt").avg_bits <= 2.0
+    assert trace.cost <= 2.5 and pqnet.QuantizedNet.load(out / "gp_qnet.pqn").avg_bits <= 2.0
     assert main([*argv[:8], "0,2,1", *argv[9:]]) == 2
     assert capsys.readouterr().err.startswith("pqnet search: error: fidelities: ")

@@ -38,7 +38,7 @@ from .._checks import positive_int as _positive_int
 from .._io import atomic_write
 from ..inference.posterior import Posterior
 from ..quantize import QuantizedNet, quantize
-from ..quantize.qnet import FLOAT_BYTES
+from ..quantize.codec import raw_bytes
 from .analysis import analyze, predictive_summary
 from .arviz import az, compare_networks, to_inference_data
 from .plots import (
@@ -189,10 +189,6 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
 
 
-def _size(module: torch.nn.Module) -> int:
-    return FLOAT_BYTES * sum(t.numel() for t in module.state_dict().values())
-
-
 def write_report(
     run_dir: str | os.PathLike,
     *,
@@ -263,8 +259,8 @@ def write_report(
         for method, budget in variants:
             label = f"{method} @ {float(budget):g} bits"
             qnet = quantize(posterior, method, avg_bits=budget, seed=seed)
-            qnet.save(Path(tmp) / "q.pt")
-            qnets[label] = QuantizedNet.load(Path(tmp) / "q.pt")
+            path = qnet.save(Path(tmp) / "q.pqn")  # measured as it is stored
+            qnets[label] = QuantizedNet.load(path, module=posterior.module)
             results[label] = analyze(posterior, qnets[label], test, ood=ood_x, reference=bnn,
                                      num_samples=num_samples, seed=seed)
     table = compare_networks({"BNN": posterior, "mean": mean_module, **qnets}, test,
@@ -272,7 +268,7 @@ def write_report(
 
     # ---- report.md, top to bottom
     chains = len(idata.posterior.chain)
-    float_size = _size(mean_module)
+    float_size = raw_bytes(mean_module.state_dict().values())
     config = metrics.get("config", posterior.config)
     history = posterior.history
     md = [f"# pqnet report: {metrics['model']} on {metrics['data']}", "",
@@ -339,26 +335,29 @@ def write_report(
 
     md += ["## 3. Quantized versions", "",
            "Each version is made from the posterior by `pqnet.quantize(posterior, method, "
-           "avg_bits=...)`, saved, loaded back and measured as loaded. `size` counts the "
-           "packed codes, codebooks and the float32 rest; `agreement` and `kl` compare its "
-           "predictive with the BNN's; `hdi` is the fraction of its quantized weights inside "
+           "avg_bits=...)`, saved, loaded back and measured as loaded. `size` is the length of "
+           "its file (codes entropy-coded, codebooks, code model, header and the float rest), "
+           "`bits/weight` that length in bits per quantized weight; `agreement` and `kl` "
+           "compare its predictive with the BNN's; `hdi` is the fraction of its quantized weights inside "
            "their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean quantization "
            "error in posterior sds (a posterior draw: 0.80).", ""]
-    rows = [{"network": f"BNN ({num_samples} draws)", "avg_bits": 32.0,
-             "size_kib": (float_size + FLOAT_BYTES * posterior.num_weights) / 1024, **bnn},
-            {"network": "posterior mean", "avg_bits": 32.0, "size_kib": float_size / 1024,
+    sd_bytes = raw_bytes(posterior.scale.values())
+    rows = [{"network": f"BNN ({num_samples} draws)", "bits/weight": 64.0,
+             "size_kib": (float_size + sd_bytes) / 1024, **bnn},
+            {"network": "posterior mean", "bits/weight": 32.0,
+             "size_kib": float_size / 1024,
              "compression": 1.0, **mean}]
     for label, qnet in qnets.items():
         r = results[label]
-        rows.append({"network": label, "avg_bits": qnet.avg_bits,
+        rows.append({"network": label, "bits/weight": qnet.bits_per_weight,
                      "size_kib": qnet.size_bytes / 1024,
                      "compression": float_size / qnet.size_bytes,
                      "unique": qnet.unique_values, **r["after"], "agreement": r["agreement"],
                      "kl": r["kl"], "hdi": r["hdi_coverage"], "|z|": r["z_abs_mean"]})
-    md += [markdown_table(rows, ["network", "avg_bits", "size_kib", "compression", "unique",
+    md += [markdown_table(rows, ["network", "bits/weight", "size_kib", "compression", "unique",
                                  "accuracy", "nll", "ece", "ood_auroc", "agreement", "kl", "hdi",
                                  "|z|"],
-                          {"avg_bits": ".2f", "size_kib": ".1f", "compression": ".1f",
+                          {"bits/weight": ".2f", "size_kib": ".1f", "compression": ".1f",
                            "hdi": ".3f", "|z|": ".2f"}), "",
            "The BNN's size counts a mean and an sd per random weight.", "",
            figure("bits", bits_plot(qnets)), "",
@@ -372,8 +371,9 @@ def write_report(
         r = results[label]
         rho = r["bits_sigma_spearman"]
         md += [f"### {label}", "",
-               f"{qnet.avg_bits:.2f} average bits, {qnet.size_bytes:,} bytes, "
-               f"{qnet.unique_values} distinct values (entropy {qnet.entropy_bits:.2f} bits); "
+               f"{qnet.size_bytes:,} bytes ({qnet.bits_per_weight:.2f} bits per weight, all in; "
+               f"fixed-width codes {qnet.avg_bits:.2f} bits, their entropy "
+               f"{qnet.code_entropy_bits:.2f} bits), {qnet.unique_values} distinct values; "
                f"accuracy {r['after']['accuracy']:.4f} (BNN {bnn['accuracy']:.4f}), "
                f"{100 * r['agreement']:.1f} % agreement with the BNN; "
                f"{100 * r['hdi_coverage']:.1f} % of its weights inside their 95 % HDI. "
@@ -414,13 +414,14 @@ def write_report(
             md += [markdown_table(refs, ["network", "accuracy", "nll", "ece"]), ""]
         rows = [{**row, "method": f"{row['method']} k={row['k']}" if "k" in row else
                  row["method"]} for row in bench["rows"]]
-        columns = [c for c in ("method", "budget", "avg_bits", "accuracy", "nll", "ece",
-                               "unique_values", "entropy_bits", "size_bytes", "seconds")
+        columns = [c for c in ("method", "budget", "size_bytes", "bits_per_weight", "accuracy",
+                               "nll", "ece", "code_entropy_bits", "avg_bits", "seconds")
                    if any(c in row for row in rows)]
         md += [f"{bench.get('model', '?')} on {bench.get('data', '?')}, seed "
                f"{bench.get('seed', '?')}:", "",
                markdown_table(rows, columns, {"budget": "g", "avg_bits": ".2f",
-                                              "entropy_bits": ".2f", "seconds": ".1f"}), ""]
+                                              "bits_per_weight": ".2f",
+                                              "code_entropy_bits": ".2f", "seconds": ".1f"}), ""]
     else:
         md += ["The quantized versions above; a `bench.json` in the run folder (`pqnet bench "
                "--json RUN_DIR/bench.json`) puts every method here.", ""]

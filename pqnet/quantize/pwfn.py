@@ -213,9 +213,10 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     Result: a :class:`QuantizedNet` whose weights all lie in one network-wide codebook.
     Each layer stores the part of it that it uses, with ``ceil(log2 n_l)`` bits per code
     for ``n_l`` values used in the layer (at least 1), so ``avg_bits`` is the fixed-width
-    cost; ``entropy_bits`` (the entropy of the pooled values) is what an entropy coder
-    would reach, and ``unique_values`` the size of the network-wide codebook. Biases and
-    other parameters stay float32 and are counted as such in ``size_bytes``;
+    cost; the file codes them with an entropy coder (``size_bytes``, ``code_entropy_bits``);
+    ``value_entropy_bits`` is the entropy of the pooled values, the figure the PWFN paper
+    reports, and ``unique_values`` the size of the network-wide codebook. Biases and other
+    parameters stay float32;
     ``config["rounds"]`` records each round (fixed fraction, order, threshold, values).
 
     ``checkpoint_dir``: the state after every round is written there atomically

@@ -1,27 +1,21 @@
-"""``QuantizedNet``: integer codes and codebooks per layer, with honest size accounting."""
+"""``QuantizedNet``: integer codes and codebooks per layer; its size is its file's length."""
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .._io import load_torch, save_torch
+from .._io import atomic_write
+from . import codec
+from .codec import weight_name
 
-FORMAT = "pqnet.quantized"
-VERSION = 1
-FLOAT_BYTES = 4  # everything that is not a code is counted (and stored) as float32
-
-
-def weight_name(layer: str) -> str:
-    """The name of ``layer``'s weight in ``Posterior.loc``: ``"0"`` → ``"0.weight"``."""
-    return f"{layer}.weight" if layer else "weight"
+MAX_WIDTH = 8  # codes are uint8
 
 
 def grid_levels(scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -29,7 +23,10 @@ def grid_levels(scale: torch.Tensor, bits: int) -> torch.Tensor:
 
     ``level_j = scale * (-1 + 2j / (2^b - 1))``, ``j = 0..2^b - 1``: evenly spaced from
     ``-scale`` to ``scale``. A grid is stored as its scale; this rebuilds its values exactly.
+    Width 0 is the pruned weight: the single level 0.
     """
+    if bits == 0:
+        return torch.zeros(scale.numel(), 1)
     return scale.float().reshape(-1, 1) * torch.linspace(-1.0, 1.0, 2 ** bits)
 
 
@@ -58,7 +55,8 @@ class QuantizedLayer:
     Attributes
     ----------
     codes : uint8 tensor of the weight's shape.
-    bits : uint8 tensor of the weight's shape, each in ``1..8``: the width the code is stored at.
+    bits : uint8 tensor of the weight's shape, each in ``0..8``: the width of the weight's
+        code. Width 0 is a pruned weight: its codebook is the single value 0.
     codebooks : ``{width: float32 tensor (rows, levels)}`` with ``levels <= 2**width``.
     scales : ``{width: float32 tensor (rows,)}`` when every codebook is a symmetric grid
         ``scale * linspace(-1, 1, 2**width)`` (see :mod:`pqnet.quantize.grids`); then only the
@@ -80,8 +78,10 @@ class QuantizedLayer:
             raise ValueError(f"codebooks: widths {sorted(self.codebooks)} do not match the "
                              f"widths used in bits {sorted(self.bits.unique().tolist())}")
         for width, levels in self.codebooks.items():
-            if not 1 <= width <= 8:
-                raise ValueError(f"bits: widths must lie in 1..8, got {width}")
+            if not 0 <= width <= MAX_WIDTH:
+                raise ValueError(f"bits: widths must lie in 0..{MAX_WIDTH}, got {width}")
+            if width == 0 and bool(levels.any()):
+                raise ValueError("codebooks: the 0-bit (pruned) codebook must be the value 0")
             if (levels.dtype != torch.float32 or levels.dim() != 2
                     or levels.shape[0] not in (1, self.codes.shape[0])
                     or not 1 <= levels.shape[1] <= 2 ** width):
@@ -101,6 +101,17 @@ class QuantizedLayer:
         """A layer whose codebooks are symmetric grids, built from their half-ranges."""
         scales = {b: s.float().reshape(-1) for b, s in scales.items()}
         return cls(codes, bits, {b: grid_levels(s, b) for b, s in scales.items()}, scales)
+
+    def pruned(self, mask: torch.Tensor) -> QuantizedLayer:
+        """This layer with the weights where ``mask`` is true set to 0 at width 0."""
+        bits = torch.where(mask, 0, self.bits).to(torch.uint8)
+        codes = torch.where(mask, 0, self.codes).to(torch.uint8)
+        used = set(bits.unique().tolist())
+        zero = torch.zeros(1, 1)
+        codebooks = {w: c for w, c in {**self.codebooks, 0: zero}.items() if w in used}
+        scales = None if self.scales is None else \
+            {w: s for w, s in {**self.scales, 0: zero[0]}.items() if w in used}
+        return QuantizedLayer(codes, bits, codebooks, scales)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -149,109 +160,31 @@ class QuantizedLayer:
             codes[mask] = width_codes[mask].to(torch.uint8)
         return codes
 
-    def byte_counts(self) -> dict[str, int]:
-        """Bytes of this layer as stored: ``codes`` (``ceil(sum_i b_i / 8)``), ``bit_map``
-        (which width each weight has, ``ceil(n * ceil(log2 G) / 8)`` for ``G > 1`` widths,
-        else 0) and ``codebooks`` (4 bytes per scale of a grid or per codebook value)."""
-        groups = len(self.codebooks)
-        map_bits = self.numel * math.ceil(math.log2(groups)) if groups > 1 else 0
-        tables = self.scales if self.scales is not None else self.codebooks
-        return {"codes": math.ceil(self.code_bits / 8),
-                "bit_map": math.ceil(map_bits / 8),
-                "codebooks": FLOAT_BYTES * sum(t.numel() for t in tables.values())}
-
-    # -- storage: the packed form that byte_counts accounts for -----------------------------
-
-    def packed(self) -> dict:
-        widths = self.widths
-        flat_bits = self.bits.reshape(-1).numpy()
-        out = {"shape": list(self.shape), "widths": widths,
-               "codes": pack_bits(self.codes.reshape(-1).numpy(), flat_bits), "bit_map": None,
-               "scales": None, "codebooks": None}
-        if len(widths) > 1:
-            group = np.searchsorted(np.asarray(widths), flat_bits).astype(np.uint8)
-            out["bit_map"] = pack_bits(group, _map_width(len(widths), group.size))
-        if self.scales is not None:
-            out["scales"] = {b: s.clone() for b, s in self.scales.items()}
-        else:
-            out["codebooks"] = {b: c.clone() for b, c in self.codebooks.items()}
-        return out
-
-    @classmethod
-    def unpacked(cls, d: dict) -> QuantizedLayer:
-        shape, widths = tuple(d["shape"]), list(d["widths"])
-        n = math.prod(shape)
-        if d["bit_map"] is None:
-            if len(widths) != 1:
-                raise ValueError("a layer with several widths needs a bit map")
-            flat_bits = np.full(n, widths[0], dtype=np.uint8)
-        else:
-            group = unpack_bits(d["bit_map"], _map_width(len(widths), n))
-            if group.max(initial=0) >= len(widths):
-                raise ValueError("bit map refers to a width that is not there")
-            flat_bits = np.asarray(widths, dtype=np.uint8)[group]
-        codes = torch.from_numpy(unpack_bits(d["codes"], flat_bits)).reshape(shape)
-        bits = torch.from_numpy(flat_bits).reshape(shape)
-        if d["scales"] is not None:
-            return cls.from_grid(codes, bits, d["scales"])
-        return cls(codes, bits, dict(d["codebooks"]))
-
-
-def _map_width(groups: int, n: int) -> np.ndarray:
-    return np.full(n, math.ceil(math.log2(groups)), dtype=np.uint8)
-
-
-def pack_bits(codes: np.ndarray, widths: np.ndarray) -> torch.Tensor:
-    """Concatenate each ``codes[i]`` in ``widths[i]`` bits (most significant first) into bytes.
-
-    The result has ``ceil(sum(widths) / 8)`` bytes; the last is padded with zeros.
-    """
-    widths = widths.astype(np.int64)
-    starts = np.cumsum(widths) - widths
-    stream = np.zeros(int(widths.sum()), dtype=np.uint8)
-    for j in range(8):
-        has = widths > j
-        stream[starts[has] + j] = (codes[has] >> (widths[has] - 1 - j)) & 1
-    return torch.from_numpy(np.packbits(stream))
-
-
-def unpack_bits(packed: torch.Tensor, widths: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_bits`; ``widths`` must be the ones used to pack."""
-    widths = widths.astype(np.int64)
-    total = int(widths.sum())
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or \
-            packed.numel() != math.ceil(total / 8):
-        raise ValueError(f"packed codes: expected {math.ceil(total / 8)} bytes")
-    stream = np.unpackbits(packed.numpy(), count=total)
-    starts = np.cumsum(widths) - widths
-    codes = np.zeros(len(widths), dtype=np.uint8)
-    for j in range(8):
-        has = widths > j
-        codes[has] = (codes[has] << 1) | stream[starts[has] + j]
-    return codes
-
 
 class QuantizedNet:
     """A network whose Linear/Conv weights are integer codes into small codebooks.
 
     The result type of every quantizer in :mod:`pqnet.quantize`. ``layers`` maps a module
     path (as in ``Posterior.layers``) to its :class:`QuantizedLayer`; ``module`` is the plain
-    network holding everything else (biases, BatchNorm parameters and statistics) in float32,
-    with the quantized weights written in as their codebook values. Biases are *not*
-    quantized: they stay float32 and are counted as such.
+    network holding everything else (biases, BatchNorm parameters and statistics), with the
+    quantized weights written in as their codebook values. Biases are *not* quantized.
 
-    Accounting (DESIGN conventions), over the quantized weights ``w_1..w_N`` of widths ``b_i``:
+    Accounting, over the ``N`` quantized weights (DESIGN: size is a file):
 
-    - ``avg_bits = sum_i b_i / N``;
-    - ``size_bytes = sum_layers [ceil(sum_i b_i / 8) + bit_map + codebooks] + 4 * F``,
-      with the bit map and codebook bytes of :meth:`QuantizedLayer.byte_counts` and ``F``
-      the number of entries of every other tensor in ``module.state_dict()`` (biases,
-      BatchNorm, ...), all at float32. Names, shapes and the list of widths are metadata
-      and not counted. :meth:`save` writes exactly these packed bytes (plus that metadata);
-    - ``unique_values`` and ``entropy_bits = -sum_v p_v log2 p_v`` of the pooled values.
+    - ``size_bytes``: the length of the file :meth:`save` writes (:mod:`~pqnet.quantize.codec`:
+      header, codebooks, code model, entropy-coded codes, the float rest, a checksum), and
+      ``sizes`` the same bytes by part;
+    - ``bits_per_weight = 8 * size_bytes / N``: the headline figure, everything included;
+    - ``code_entropy_bits``: ``sum_l n_l H_l / N`` with ``H_l`` the Shannon entropy of layer
+      ``l``'s (width, code) symbols, the bound an ideal order-0 coder of the codes meets
+      (``sizes["codes"]`` is what the ANS coder spends on them);
+    - ``avg_bits = sum_i b_i / N``: the fixed-width code bits, which leave out codebooks,
+      floats and the width map; kept as the budget the quantizers are asked for;
+    - ``unique_values`` and ``value_entropy_bits`` of the pooled values (network-wide).
 
     ``method`` and ``config`` record the quantizer and its parameters, including those it
-    solved for (e.g. the ``k`` that meets an ``avg_bits`` budget).
+    solved for (e.g. the ``k`` that meets an ``avg_bits`` budget). A QuantizedNet is not
+    meant to change after it is built: its file is encoded once and kept.
     """
 
     def __init__(self, layers: dict[str, QuantizedLayer], module: nn.Module, method: str,
@@ -278,7 +211,7 @@ class QuantizedNet:
 
     def __repr__(self) -> str:
         return (f"QuantizedNet(method={self.method!r}, layers={len(self.layers)}, "
-                f"avg_bits={self.avg_bits:.3f}, size_bytes={self.size_bytes})")
+                f"size_bytes={self.size_bytes}, bits_per_weight={self.bits_per_weight:.3f})")
 
     # -- weights -----------------------------------------------------------------------------
 
@@ -306,22 +239,31 @@ class QuantizedNet:
         """Mean code width of each layer."""
         return {path: layer.code_bits / layer.numel for path, layer in self.layers.items()}
 
+    @cached_property
+    def encoded(self) -> codec.Encoded:
+        """This network's file, as :meth:`save` writes it."""
+        return codec.encode(self.layers, self.module, self.method, self.config)
+
     @property
     def sizes(self) -> dict[str, int]:
-        """``size_bytes`` by part: ``codes``, ``bit_map``, ``codebooks`` and ``float32``."""
-        parts = {"codes": 0, "bit_map": 0, "codebooks": 0}
-        for layer in self.layers.values():
-            for key, value in layer.byte_counts().items():
-                parts[key] += value
-        quantized = {weight_name(path) for path in self.layers}
-        parts["float32"] = FLOAT_BYTES * sum(
-            t.numel() for k, t in self.module.state_dict().items() if k not in quantized)
-        return parts
+        """``size_bytes`` by part of the file (see :mod:`pqnet.quantize.codec`)."""
+        return dict(self.encoded.parts)
 
     @property
     def size_bytes(self) -> int:
-        """Bytes of the packed codes, bit maps, codebooks and float32 rest (see the class)."""
-        return sum(self.sizes.values())
+        """The length of this network's file."""
+        return len(self.encoded.data)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * size_bytes / N``: everything in the file, per quantized weight."""
+        return 8 * self.size_bytes / self.num_weights
+
+    @property
+    def code_entropy_bits(self) -> float:
+        """Count-weighted mean over layers of the Shannon entropy of the (width, code)
+        symbols, in bits per weight: what an ideal order-0 coder of the codes spends."""
+        return self.encoded.code_entropy_bits / self.num_weights
 
     def _pooled_counts(self) -> torch.Tensor:
         values = torch.cat([w.reshape(-1) for w in self.weights().values()])
@@ -333,42 +275,56 @@ class QuantizedNet:
         return len(self._pooled_counts())
 
     @property
-    def entropy_bits(self) -> float:
+    def value_entropy_bits(self) -> float:
         """Shannon entropy (bits per weight) of the pooled quantized weight values."""
         p = self._pooled_counts().double() / self.num_weights
         return float(-(p * p.log2()).sum())
 
     def summary(self) -> list[dict]:
         """One dict per quantized layer: ``layer``, ``weight``, ``shape``, ``bits`` (mean
-        width), ``widths``, ``codebook_size`` (codebook entries), ``unique_values``, ``bytes``."""
+        width), ``widths``, ``codebook_size`` (codebook entries), ``unique_values`` and
+        ``code_entropy_bits`` (per weight of the layer)."""
         return [{"layer": path, "weight": weight_name(path), "shape": layer.shape,
                  "bits": layer.code_bits / layer.numel, "widths": layer.widths,
                  "codebook_size": sum(c.numel() for c in layer.codebooks.values()),
                  "unique_values": len(layer.values().unique()),
-                 "bytes": sum(layer.byte_counts().values())}
+                 "code_entropy_bits": codec.layer_entropy_bits(layer)}
                 for path, layer in self.layers.items()]
 
     # -- files -------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` atomically (``torch.save``): the bit-packed codes and bit maps,
-        the codebooks (grid scales only for grids) and the network without its quantized
-        weights. The network is pickled, so its class must be importable on load."""
-        skeleton = copy.deepcopy(self.module)
-        for layer_path in self.layers:  # the codes carry these weights
-            skeleton.get_submodule(layer_path).weight = nn.Parameter(torch.empty(0))
-        state = {"format": FORMAT, "version": VERSION, "method": self.method,
-                 "config": self.config, "module": skeleton,
-                 "layers": {p: layer.packed() for p, layer in self.layers.items()}}
-        return save_torch(state, path)
+        """Write this network's file (:mod:`pqnet.quantize.codec`) to ``path`` atomically:
+        ``path`` holds the old file or the new one whole, never a part."""
+        data = codec.encode(self.layers, self.module, self.method, self.config).data
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> QuantizedNet:
-        """Read a file written by :meth:`save`; a ``ValueError`` naming ``path`` for anything
-        else (corrupt, truncated, foreign or of another format version)."""
-        state = load_torch(path, "quantized network", FORMAT, VERSION)
+    def load(cls, path: str | os.PathLike, module: nn.Module | None = None) -> QuantizedNet:
+        """Read a file written by :meth:`save`, bit-exactly.
+
+        The network is rebuilt from the :mod:`pqnet.models` factory the file names; for any
+        other network pass ``module``, one of the same architecture (its weights are
+        replaced; it is copied, not changed). A ``FileNotFoundError``, or a ``ValueError``
+        naming ``path`` (or ``module``) for a corrupt, truncated, foreign or other-version
+        file, or a ``module`` of another layout.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no quantized network file at {path}")
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
         try:
-            layers = {p: QuantizedLayer.unpacked(d) for p, d in state["layers"].items()}
-            return cls(layers, state["module"], state["method"], state["config"])
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            raise ValueError(f"path: {path} holds a malformed quantized network: {err}") from err
+            file = codec.decode(path.read_bytes(), copy.deepcopy(module))
+            layers = {p: _layer(*record) for p, record in file.layers.items()}
+            return cls(layers, file.module, file.method, file.config)
+        except ValueError as err:
+            argument = "module" if str(err).startswith("module:") else "path"
+            raise ValueError(f"{argument}: {path} cannot be read as a pqnet quantized network: "
+                             f"{err}") from err
+
+
+def _layer(codes: torch.Tensor, bits: torch.Tensor, tables: dict[int, torch.Tensor],
+           grid: bool) -> QuantizedLayer:
+    return QuantizedLayer.from_grid(codes, bits, tables) if grid else \
+        QuantizedLayer(codes, bits, tables)

@@ -1,0 +1,200 @@
+"""The quantized-network file: its length is the size, it round-trips bit-exactly, it codes
+near the entropy, and it refuses what it did not write."""
+
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pqnet
+from pqnet.quantize import QuantizedLayer, QuantizedNet, codec
+from tests.test_quantize import DATA_FREE, assert_same, make_posterior, small_net
+
+
+def linear_3_2() -> nn.Linear:
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.9, -0.3, 0.1], [-0.6, 0.2, -0.9]]))
+        layer.bias.copy_(torch.tensor([0.5, -0.5]))
+    return layer
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_posterior(small_net())
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return make_posterior(pqnet.models.lenet5())
+
+
+def skewed_layer(n: int, probs: list[float], seed: int = 0) -> QuantizedLayer:
+    rng = np.random.default_rng(seed)
+    codes = torch.from_numpy(rng.choice(len(probs), size=(1, n), p=probs).astype(np.uint8))
+    width = max(1, math.ceil(math.log2(len(probs))))
+    return QuantizedLayer.from_grid(codes, torch.full((1, n), width, dtype=torch.uint8),
+                                    {width: torch.tensor([1.0])})
+
+
+# --------------------------------------------------------------------------- the size is a file
+
+
+@pytest.mark.parametrize("method", DATA_FREE)
+def test_every_method_round_trips_and_its_size_is_its_files_length(small, method, tmp_path):
+    options = {} if method == "kmeans" else {"per_channel": True}
+    qnet = pqnet.quantize(small, method, avg_bits=2.5, **options)
+    path = qnet.save(tmp_path / "q.pqn")
+    assert path.stat().st_size == qnet.size_bytes == sum(qnet.sizes.values())
+    assert qnet.bits_per_weight == 8 * qnet.size_bytes / qnet.num_weights
+    loaded = QuantizedNet.load(path, module=small_net(seed=1))
+    assert_same(qnet, loaded, torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert path.read_bytes() == loaded.encoded.data  # and writes the same bytes again
+
+
+def test_a_pqnet_model_is_rebuilt_from_the_file_alone(lenet, tmp_path):
+    qnet = pqnet.quantize(lenet, "kmeans", k=8)
+    loaded = QuantizedNet.load(qnet.save(tmp_path / "lenet.pqn"))
+    assert type(loaded.module) is type(lenet.module)
+    assert_same(qnet, loaded, torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+
+
+def test_parts_of_a_tiny_file_by_hand():
+    qnet = pqnet.quantize(make_posterior(linear_3_2()), "uniform", bits=2)
+    # 2-bit grid, half-range max|w| = 0.9: levels -0.9, -0.3, 0.3, 0.9; codes 3 1 2 / 0 2 0
+    assert qnet.layers[""].codes.tolist() == [[3, 1, 2], [0, 2, 0]]
+    sizes = qnet.sizes
+    assert sizes["codebooks"] == 4  # one float32 grid scale
+    assert sizes["code_model"] == 4  # counts 2, 1, 2, 1 of the 4 symbols: one varint each
+    assert sizes["float"] == 8 and sizes["checksum"] == 4  # two float32 biases
+    words = (sizes["codes"] - 1) // 4  # a one-byte word count, then 32-bit words
+    assert sizes["codes"] == 1 + 4 * words and words >= 1
+    counts = np.array([2, 1, 2, 1])
+    assert qnet.code_entropy_bits == pytest.approx(codec.entropy_bits(counts))
+    assert qnet.code_entropy_bits == pytest.approx(-(2 * (1 / 3) * math.log2(1 / 3)
+                                                     + 2 * (1 / 6) * math.log2(1 / 6)))
+    # k-means with k = 3 stores its 3 centres as values
+    assert pqnet.quantize(make_posterior(linear_3_2()), "kmeans", k=3).sizes["codebooks"] == 12
+
+
+def test_the_coder_spends_within_one_percent_of_the_code_entropy_on_a_large_layer():
+    layer = skewed_layer(200_000, [0.6, 0.2, 0.1, 0.05, 0.03, 0.01, 0.005, 0.005])
+    qnet = QuantizedNet({"": layer}, nn.Linear(200_000, 1, bias=False), "by-hand")
+    bound_bytes = qnet.code_entropy_bits * qnet.num_weights / 8
+    assert qnet.sizes["codes"] <= 1.01 * bound_bytes + 8
+    assert qnet.sizes["codes"] >= bound_bytes  # no coder beats the entropy of its model
+    # a fixed-width packing would take 3 bits per weight; the entropy is 1.83
+    assert qnet.bits_per_weight < 0.65 * 3
+
+
+def test_per_weight_widths_are_paid_for_inside_the_code():
+    """The symbol of (width, code) joins the widths' codebooks end to end, so a width map
+    costs its entropy: six weights at widths 1, 1, 2, 2, 3, 3 with distinct codes take
+    log2(6) bits each, and the symbols decode to the same widths and codes."""
+    codes = torch.tensor([[1, 0, 3], [0, 5, 2]], dtype=torch.uint8)
+    bits = torch.tensor([[1, 1, 2], [2, 3, 3]], dtype=torch.uint8)
+    scales = {1: torch.tensor([0.5]), 2: torch.tensor([0.9]), 3: torch.tensor([0.9])}
+    layer = QuantizedLayer.from_grid(codes, bits, scales)
+    symbols = codec.to_symbols(codes, bits, codec.levels_of(layer))
+    assert symbols.tolist() == [1, 0, 2 + 3, 2 + 0, 6 + 5, 6 + 2]
+    back_codes, back_bits = codec.from_symbols(symbols, codec.levels_of(layer))
+    assert back_codes.tolist() == codes.reshape(-1).tolist()
+    assert back_bits.tolist() == bits.reshape(-1).tolist()
+    qnet = QuantizedNet({"": layer}, linear_3_2(), "by-hand")
+    assert qnet.code_entropy_bits == pytest.approx(math.log2(6))
+    assert qnet.sizes["codebooks"] == 12 and qnet.sizes["code_model"] == 2 + 4 + 8
+    assert qnet.summary()[0]["code_entropy_bits"] == pytest.approx(math.log2(6))
+
+
+def test_pruned_weights_are_width_zero_and_nearly_free(lenet, tmp_path):
+    qnet = pqnet.quantize(lenet, "uniform", bits=4)
+    mask = {p: torch.rand(layer.shape, generator=torch.Generator().manual_seed(0)) < 0.9
+            for p, layer in qnet.layers.items()}
+    pruned = QuantizedNet({p: layer.pruned(mask[p]) for p, layer in qnet.layers.items()},
+                          qnet.module, "pruned")
+    for path, layer in pruned.layers.items():
+        assert bool((layer.values()[mask[path]] == 0).all())
+        assert torch.equal(layer.values()[~mask[path]], qnet.layers[path].values()[~mask[path]])
+    assert pruned.avg_bits == pytest.approx(0.1 * 4, abs=0.02)
+    # 90 % zeros: about H(0.9) + 0.1 * 4 = 0.87 bits per weight, against 4
+    assert pruned.code_entropy_bits < 0.25 * qnet.code_entropy_bits
+    loaded = QuantizedNet.load(pruned.save(tmp_path / "p.pqn"))
+    assert_same(pruned, loaded, torch.randn(2, 1, 28, 28))
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _with_checksum(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_corrupt_truncated_foreign_and_future_files_are_refused(small, tmp_path):
+    good = pqnet.quantize(small, "uniform", bits=2).save(tmp_path / "good.pqn")
+    data = good.read_bytes()
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    future = bytearray(data[:-4])
+    future[4] = codec.VERSION + 1
+    cases = {"truncated": (data[: len(data) // 2], "checksum"),
+             "flipped": (bytes(flipped), "checksum"),
+             "garbage": (b"not a pqnet file" * 10, "not a pqnet quantized-network file"),
+             "empty": (b"", "not a pqnet"),
+             "future": (_with_checksum(bytes(future)),
+                        f"format version {codec.VERSION + 1}; this pqnet reads version 1"),
+             "trailing": (_with_checksum(data[:-4] + b"\0"), "1 bytes follow")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.pqn"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"path: {path}.*{message}"):
+            QuantizedNet.load(path, module=small_net())
+    torch.save({"weights": torch.ones(3)}, tmp_path / "foreign.pt")
+    posterior_file = small.save(tmp_path / "posterior.pt")
+    for path in (tmp_path / "foreign.pt", posterior_file):
+        with pytest.raises(ValueError, match="not a pqnet quantized-network file"):
+            QuantizedNet.load(path, module=small_net())
+    with pytest.raises(FileNotFoundError, match="path"):
+        QuantizedNet.load(tmp_path / "missing.pqn")
+
+
+def test_a_network_of_another_layout_or_none_is_refused(small, tmp_path):
+    path = pqnet.quantize(small, "uniform", bits=2).save(tmp_path / "q.pqn")
+    with pytest.raises(ValueError, match="pass module="):
+        QuantizedNet.load(path)  # not a pqnet.models network: the file cannot rebuild it
+    other = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="module: .*differ"):
+        QuantizedNet.load(path, module=other)
+    with pytest.raises(TypeError, match="module: expected a torch.nn.Module"):
+        QuantizedNet.load(path, module="lenet5")
+
+
+def test_a_failed_write_keeps_the_old_file(small, tmp_path, monkeypatch):
+    path = pqnet.quantize(small, "uniform", bits=2).save(tmp_path / "q.pqn")
+    before = path.read_bytes()
+
+    def full_disk(self, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(path), "write_bytes", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        pqnet.quantize(small, "uniform", bits=4).save(path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_config_is_stored_as_json_and_refused_when_it_cannot_be(small, tmp_path):
+    qnet = pqnet.quantize(small, "uniform", bits=2)
+    tagged = QuantizedNet(qnet.layers, qnet.module, "uniform",
+                          {"pair": (1, 2), "t": torch.tensor([0.5]), "nested": {3: "x"}})
+    loaded = QuantizedNet.load(tagged.save(tmp_path / "c.pqn"), module=small_net())
+    assert loaded.config == {"pair": [1, 2], "t": [0.5], "nested": {"3": "x"}}
+    odd = QuantizedNet(qnet.layers, qnet.module, "uniform", {"when": object()})
+    with pytest.raises(TypeError, match="config: object values cannot be stored"):
+        odd.save(tmp_path / "odd.pqn")
+    assert not (tmp_path / "odd.pqn").exists()
