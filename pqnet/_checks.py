@@ -73,10 +73,12 @@ def above(name: str, value: object, bound: float) -> float:
     return float(value)
 
 
-def fraction(name: str, value: object) -> float:
-    """A number in the open interval (0, 1)."""
-    if not _is_real(value) or not 0 < value < 1:
-        raise ValueError(f"{name}: expected a number in (0, 1), got {value!r}")
+def fraction(name: str, value: object, closed_below: bool = False) -> float:
+    """A number in the open interval (0, 1), or in [0, 1) when ``closed_below``."""
+    inside = _is_real(value) and (0 <= value if closed_below else 0 < value) and value < 1
+    if not inside:
+        raise ValueError(f"{name}: expected a number in {'[' if closed_below else '('}0, 1), "
+                         f"got {value!r}")
     return float(value)
 
 

@@ -279,8 +279,9 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
         elif m == "pwfn":
             runs += [(m, {"threshold": t, **(pwfn_options or {})}, None, f"pwfn_t{t:g}")
                      for t in pwfn_thresholds]
-        else:
-            runs += [(m, {"avg_bits": b, **options}, b, f"{m}_b{b:g}") for b in budgets]
+        else:  # sigma-code's budget is its code entropy, the others' their code width
+            key = "code_bits" if m == "sigma-code" else "avg_bits"
+            runs += [(m, {key: b, **options}, b, f"{m}_b{b:g}") for b in budgets]
     rows = []
     for method, keywords, budget, stem in runs:
         start = time.perf_counter()

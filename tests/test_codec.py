@@ -46,10 +46,11 @@ def skewed_layer(n: int, probs: list[float], seed: int = 0) -> QuantizedLayer:
 # --------------------------------------------------------------------------- the size is a file
 
 
-@pytest.mark.parametrize("method", DATA_FREE)
+@pytest.mark.parametrize("method", [*DATA_FREE, "sigma-code"])
 def test_every_method_round_trips_and_its_size_is_its_files_length(small, method, tmp_path):
-    options = {} if method == "kmeans" else {"per_channel": True}
-    qnet = pqnet.quantize(small, method, avg_bits=2.5, **options)
+    options = {"k": 2.0} if method == "sigma-code" else {"avg_bits": 2.5} if method == "kmeans" \
+        else {"avg_bits": 2.5, "per_channel": True}
+    qnet = pqnet.quantize(small, method, prune=0.5, **options)
     path = qnet.save(tmp_path / "q.pqn")
     assert path.stat().st_size == qnet.size_bytes == sum(qnet.sizes.values())
     assert qnet.bits_per_weight == 8 * qnet.size_bytes / qnet.num_weights

@@ -20,7 +20,12 @@ method                    rule                                            budget
                           centres by distance in posterior sds,           ``max_order`` + data
                           retraining between rounds (Subia-Waud &         (no bit budget: it
                           Dasmahapatra 2023)                              counts values)
+``sigma-code``            per-weight code length: the shortest code       ``k`` | ``code_bits``
+                          within k sigma, entropy-constrained
 ========================= =============================================== ====================
+
+Every method also takes ``prune=c``: weights whose central ``c`` credible interval holds 0
+are then zeroed at width 0 (:mod:`pqnet.quantize.prune`).
 
 Note that ``pqnet.quantize`` is the function :func:`quantize`; import the rest from this
 package, e.g. ``from pqnet.quantize import METHODS, QuantizedNet``.
@@ -41,13 +46,15 @@ from .kmeans import kmeans
 from .pwfn import pwfn
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 from .quantile_inform import quantile_inform
+from .prune import bayesian_prune
 from .random_bits import random_bits
 from .sigma_bits import sigma_bits
+from .sigma_code import sigma_code
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression", "budget_keywords",
-           "finetune", "kmeans", "pwfn", "quantile_inform", "quantize", "random_bits", "sigma_bits",
-           "uniform", "weight_name"]
+           "bayesian_prune", "finetune", "kmeans", "pwfn", "quantile_inform", "quantize", "random_bits",
+           "sigma_bits", "sigma_code", "uniform", "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
 
@@ -59,6 +66,7 @@ METHODS: dict[str, Quantizer] = {
     "quantile-inform": quantile_inform,
     "random-bits": random_bits,
     "pwfn": pwfn,
+    "sigma-code": sigma_code,
 }
 
 
@@ -70,13 +78,15 @@ def budget_keywords(method: str) -> list[str]:
 
 
 def quantize(posterior: Posterior, method: str, data: Dataset | None = None, seed: int = 0,
-             finetune_epochs: int = 0, finetune_lr: float = 1e-3, **budget) -> QuantizedNet:
+             prune: float = 0.0, finetune_epochs: int = 0, finetune_lr: float = 1e-3,
+             **budget) -> QuantizedNet:
     """Quantize ``posterior`` with ``method`` (a name in :data:`METHODS`) at ``budget``.
 
     ``budget`` holds the method's own keywords (``bits=4``, ``avg_bits=3.0``, ``k=16``, ...);
     see the table in :mod:`pqnet.quantize` and each method's docstring for its exact rule
     and paper. ``data`` is passed to methods that use data; ``seed`` to every method. With
-    ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
+    ``prune = c`` in ``(0, 1)`` the weights whose central ``c`` credible interval holds zero
+    are then set to 0 (:func:`~pqnet.quantize.prune.bayesian_prune`). With ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
     quantized forward pass, widths and codebooks fixed (:func:`~pqnet.quantize.finetune.
     finetune`, straight-through, posterior noise kept).
 
@@ -95,7 +105,10 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
                              f"{', '.join(accepted)}")
     finetune_epochs = _checks.int_in("finetune_epochs", finetune_epochs, 0, 10_000)
     finetune_lr = _checks.nonnegative_float("finetune_lr", finetune_lr)
+    prune = _checks.fraction("prune", prune, closed_below=True)
     qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
+    if prune > 0:
+        qnet = bayesian_prune(qnet, posterior, prune)
     if finetune_epochs == 0:
         return qnet
     return finetune(qnet, posterior, data, epochs=finetune_epochs, lr=finetune_lr, seed=seed)

@@ -268,7 +268,7 @@ def _layer_record(path: str, layer) -> tuple[dict, dict[str, bytes], float]:
     widths, levels = sorted(layer.codebooks), levels_of(layer)
     grid = layer.scales is not None
     tables = b"".join(_tensor_bytes((layer.scales if grid else layer.codebooks)[w])
-                      for w in widths)
+                      for w in widths if w > 0)  # width 0 (pruned) is the value 0: no table
     symbols, counts = symbol_counts(layer)
     model = b"".join(varint(int(c)) for c in counts)
     words = encode_symbols(symbols, counts)
@@ -367,7 +367,7 @@ def _read_layer(reader: Reader, meta: dict):
     tables = {}
     for w in sorted(levels):
         count = rows[w] if meta["grid"] else rows[w] * levels[w]
-        table = torch.from_numpy(reader.array("<f4", count))
+        table = torch.from_numpy(reader.array("<f4", count)) if w > 0 else torch.zeros(count)
         tables[w] = table if meta["grid"] else table.reshape(rows[w], levels[w])
     counts = np.asarray([reader.varint() for _ in range(sum(levels.values()))], dtype=np.int64)
     n = math.prod(shape)

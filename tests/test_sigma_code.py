@@ -1,0 +1,145 @@
+"""Bayesian pruning and the entropy-constrained quantizer: the posterior's uncertainty picks
+which weights vanish and how long each code is."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import pqnet
+from pqnet.quantize import codec
+from pqnet.quantize.prune import credible_z, prune_mask
+from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid
+from tests.test_quantize import make_posterior
+
+
+def linear_posterior(seed: int = 0, n_out: int = 40, n_in: int = 50) -> pqnet.Posterior:
+    """A Linear layer's posterior whose sds span three decades, so some weights are pinned
+    and others free."""
+    gen = torch.Generator().manual_seed(seed)
+    module = nn.Linear(n_in, n_out)
+    with torch.no_grad():
+        module.weight.copy_(0.3 * torch.randn(n_out, n_in, generator=gen))
+    scale = {"weight": 10 ** (-3 + 3 * torch.rand(n_out, n_in, generator=gen))}
+    return make_posterior(module, scale)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def test_pruning_zeroes_exactly_the_weights_whose_interval_holds_zero():
+    posterior = linear_posterior()
+    mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
+    assert credible_z(0.95) == pytest.approx(1.959964, abs=1e-5)
+    qnet = pqnet.quantize(posterior, "uniform", bits=4, prune=0.95)
+    w, bits = qnet.weights()["weight"], qnet.layers[""].bits
+    inside = mu.abs() < 1.959964 * sigma
+    assert torch.equal(bits == 0, inside) and bool((w[inside] == 0).all())
+    # never a weight whose 95 % interval excludes zero: those keep their 4-bit value
+    unpruned = pqnet.quantize(posterior, "uniform", bits=4).weights()["weight"]
+    assert torch.equal(w[~inside], unpruned[~inside])
+    assert qnet.config["prune"] == {"level": 0.95,
+                                    "fraction": pytest.approx(float(inside.float().mean()))}
+    assert 0.2 < qnet.config["prune"]["fraction"] < 0.9  # the test case prunes some, not all
+    # level 0 prunes nothing; a higher level prunes a superset
+    assert not bool(prune_mask(mu, sigma, 0.0).any())
+    assert bool((prune_mask(mu, sigma, 0.99) >= inside).all())
+
+
+def test_pruned_weights_stay_zero_through_finetuning():
+    posterior = linear_posterior()
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(256, 50, generator=gen),
+                         torch.randint(0, 40, (256,), generator=gen))
+    qnet = pqnet.quantize(posterior, "uniform", bits=3, prune=0.9, data=data,
+                          finetune_epochs=2, finetune_lr=1e-2)
+    pruned = prune_mask(posterior.loc["weight"], posterior.scale["weight"], 0.9)
+    assert bool((qnet.weights()["weight"][pruned] == 0).all())
+    assert torch.equal(qnet.layers[""].bits == 0, pruned)
+
+
+@pytest.mark.parametrize("level", [-0.1, 1.0, 1.5, float("nan"), "0.5"])
+def test_a_pruning_level_outside_0_1_is_refused(level):
+    with pytest.raises(ValueError, match=r"prune: expected a number in \[0, 1\)"):
+        pqnet.quantize(linear_posterior(), "uniform", bits=2, prune=level)
+
+
+# --------------------------------------------------------------------------- sigma-code
+
+
+def test_range_argmax_matches_brute_force():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 20, size=255)
+    lo = rng.integers(0, 255, size=2000)
+    hi = np.minimum(254, lo + rng.integers(0, 100, size=2000))
+    got = _range_argmax(counts, lo, hi)
+    for i in range(len(lo)):
+        window = counts[lo[i]:hi[i] + 1]
+        assert counts[got[i]] == window.max() and lo[i] <= got[i] <= hi[i]
+
+
+def test_every_weight_stays_within_k_sigma_or_at_its_nearest_level():
+    posterior = linear_posterior()
+    mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
+    k = 1.5
+    qnet = pqnet.quantize(posterior, "sigma-code", k=k)
+    w = qnet.weights()["weight"]
+    grid = torch.from_numpy(fine_grid(mu))
+    nearest = grid[(grid[None, :] - mu.reshape(-1, 1)).abs().argmin(1)].reshape(mu.shape)
+    fits = (grid[None, :] - mu.reshape(-1, 1)).abs().le(k * sigma.reshape(-1, 1)).any(1)
+    fits = fits.reshape(mu.shape)
+    assert bool(((w - mu).abs()[fits] <= k * sigma[fits] + 1e-7).all())
+    assert torch.equal(w[~fits], nearest[~fits])
+    assert bool(fits.float().mean() > 0.5)  # the interval constraint is what binds here
+
+
+def test_code_entropy_never_rises_and_beats_rounding_and_fixed_width():
+    posterior = linear_posterior(seed=3)
+    mu = posterior.loc["weight"].reshape(-1).numpy()
+    sigma = posterior.scale["weight"].reshape(-1).numpy()
+    for k in (0.5, 1.0, 3.0):
+        _, entropies = assign(mu, sigma, fine_grid(posterior.loc["weight"]), k)
+        assert all(b <= a + 1e-12 for a, b in zip(entropies, entropies[1:])), entropies
+        assert len(entropies) > 1 and entropies[-1] < entropies[0] < 8
+    # and the stored layer codes at that entropy
+    qnet = pqnet.quantize(posterior, "sigma-code", k=3.0)
+    _, entropies = assign(mu, sigma, fine_grid(posterior.loc["weight"]), 3.0)
+    assert qnet.code_entropy_bits == pytest.approx(entropies[-1])
+    assert qnet.code_entropy_bits < pqnet.quantize(posterior, "uniform", bits=8).code_entropy_bits
+
+
+def test_uncertain_weights_pool_on_one_value_and_certain_ones_keep_theirs():
+    mu = torch.linspace(-0.5, 0.5, 200).reshape(10, 20)
+    scale = torch.full_like(mu, 1e-4)
+    scale[:5] = 10.0  # rows 0-4 are not informed by the data
+    module = nn.Linear(20, 10, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(mu)
+    qnet = pqnet.quantize(make_posterior(module, {"weight": scale}), "sigma-code", k=1.0)
+    w = qnet.weights()["weight"]
+    assert len(w[:5].unique()) == 1  # one value, the most popular
+    assert bool(((w[5:] - mu[5:]).abs() <= 0.5 / 254 + 1e-7).all())  # nearest level kept
+
+
+def test_a_code_bits_budget_is_met_from_below():
+    posterior = linear_posterior(seed=2)
+    for budget in (1.0, 2.5):
+        qnet = pqnet.quantize(posterior, "sigma-code", code_bits=budget)
+        assert qnet.code_entropy_bits <= budget
+        assert qnet.code_entropy_bits > budget - 0.5  # the bisection does not give away bits
+        assert qnet.config["code_bits"] == budget and qnet.config["k"] > 0
+
+
+@pytest.mark.parametrize("budget, message", [({"k": 0}, "k: expected a positive"),
+                                             ({"k": -1.0}, "k: expected a positive"),
+                                             ({"code_bits": 0}, "code_bits: expected a positive"),
+                                             ({"k": 1, "code_bits": 2}, "give exactly one")])
+def test_sigma_code_refuses_bad_budgets(budget, message):
+    with pytest.raises(ValueError, match=message):
+        pqnet.quantize(linear_posterior(), "sigma-code", **budget)
+
+
+def test_entropy_bits_by_hand():
+    assert codec.entropy_bits(np.array([1, 1, 2, 0])) == pytest.approx(1.5)
+    assert codec.entropy_bits(np.array([5])) == 0.0
