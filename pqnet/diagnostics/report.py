@@ -338,8 +338,8 @@ def write_report(
            "avg_bits=...)`, saved, loaded back and measured as loaded. `size` is the length of "
            "its file (codes entropy-coded, codebooks, code model, header and the float rest), "
            "`bits/weight` that length in bits per quantized weight; `agreement` and `kl` "
-           "compare its predictive with the BNN's; `hdi` is the fraction of its quantized weights inside "
-           "their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean quantization "
+           "compare its predictive with the BNN's; `hdi` is the fraction of its quantized "
+           "weights inside their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean quantization "
            "error in posterior sds (a posterior draw: 0.80).", ""]
     sd_bytes = raw_bytes(posterior.scale.values())
     rows = [{"network": f"BNN ({num_samples} draws)", "bits/weight": 64.0,

@@ -43,18 +43,18 @@ from ..inference.posterior import Posterior
 from .bayesian_compression import bayesian_compression
 from .finetune import finetune
 from .kmeans import kmeans
+from .prune import bayesian_prune
 from .pwfn import pwfn
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 from .quantile_inform import quantile_inform
-from .prune import bayesian_prune
 from .random_bits import random_bits
 from .sigma_bits import sigma_bits
 from .sigma_code import sigma_code
 from .uniform import uniform
 
-__all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression", "budget_keywords",
-           "bayesian_prune", "finetune", "kmeans", "pwfn", "quantile_inform", "quantize", "random_bits",
-           "sigma_bits", "sigma_code", "uniform", "weight_name"]
+__all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
+           "bayesian_prune", "budget_keywords", "finetune", "kmeans", "pwfn", "quantile_inform",
+           "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform", "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
 
@@ -86,7 +86,8 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     see the table in :mod:`pqnet.quantize` and each method's docstring for its exact rule
     and paper. ``data`` is passed to methods that use data; ``seed`` to every method. With
     ``prune = c`` in ``(0, 1)`` the weights whose central ``c`` credible interval holds zero
-    are then set to 0 (:func:`~pqnet.quantize.prune.bayesian_prune`). With ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
+    are then set to 0 (:func:`~pqnet.quantize.prune.bayesian_prune`). With
+    ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
     quantized forward pass, widths and codebooks fixed (:func:`~pqnet.quantize.finetune.
     finetune`, straight-through, posterior noise kept).
 
