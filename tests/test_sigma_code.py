@@ -100,7 +100,8 @@ def test_code_entropy_never_rises_and_beats_rounding_and_fixed_width():
     sigma = posterior.scale["weight"].reshape(-1).numpy()
     for k in (0.5, 1.0, 3.0):
         _, entropies = assign(mu, sigma, fine_grid(posterior.loc["weight"]), k)
-        assert all(b <= a + 1e-12 for a, b in zip(entropies, entropies[1:], strict=False)), entropies
+        steps = zip(entropies, entropies[1:], strict=False)
+        assert all(b <= a + 1e-12 for a, b in steps), entropies
         assert len(entropies) > 1 and entropies[-1] < entropies[0] < 8
     # and the stored layer codes at that entropy
     qnet = pqnet.quantize(posterior, "sigma-code", k=3.0)

@@ -339,8 +339,8 @@ def write_report(
            "its file (codes entropy-coded, codebooks, code model, header and the float rest), "
            "`bits/weight` that length in bits per quantized weight; `agreement` and `kl` "
            "compare its predictive with the BNN's; `hdi` is the fraction of its quantized "
-           "weights inside their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean quantization "
-           "error in posterior sds (a posterior draw: 0.80).", ""]
+           "weights inside their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean "
+           "quantization error in posterior sds (a posterior draw: 0.80).", ""]
     sd_bytes = raw_bytes(posterior.scale.values())
     rows = [{"network": f"BNN ({num_samples} draws)", "bits/weight": 64.0,
              "size_kib": (float_size + sd_bytes) / 1024, **bnn},
