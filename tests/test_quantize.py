@@ -15,7 +15,8 @@ from pqnet.quantize.sigma_bits import sigma_bits
 
 # random-bits: see the digits tests; pwfn has no bit budget (tests/test_pwfn.py)
 # the data-free methods with an avg_bits budget (sigma-code's is code_bits: its own tests)
-DATA_FREE = [m for m in METHODS if m not in ("random-bits", "pwfn", "sigma-code")]
+DATA_FREE = [m for m in METHODS
+             if m not in ("random-bits", "pwfn", "sigma-code", "deep-compression")]
 
 
 def make_posterior(module: nn.Module, scale: dict[str, torch.Tensor] | None = None,
@@ -283,7 +284,8 @@ def test_every_method_has_the_common_signature():
         assert first.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
         assert (data.kind, data.default) == (inspect.Parameter.KEYWORD_ONLY, None)
         assert (seed.kind, seed.default) == (inspect.Parameter.KEYWORD_ONLY, 0)
-        assert "avg_bits" in budget_keywords(method) or method in ("pwfn", "sigma-code")
+        assert "avg_bits" in budget_keywords(method) or \
+            method in ("pwfn", "sigma-code", "deep-compression")
 
 
 # --------------------------------------------------------------------------- real data

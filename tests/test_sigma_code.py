@@ -144,3 +144,67 @@ def test_sigma_code_refuses_bad_budgets(budget, message):
 def test_entropy_bits_by_hand():
     assert codec.entropy_bits(np.array([1, 1, 2, 0])) == pytest.approx(1.5)
     assert codec.entropy_bits(np.array([5])) == 0.0
+
+
+# --------------------------------------------------------------------------- deep compression
+
+
+def _tiny_task(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 12, generator=gen)
+    y = (x[:, :4].sum(1) > 0).long() + (x[:, 4] > 1).long()
+    module = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    return make_posterior(module), TensorDataset(x, y)
+
+
+def test_deep_compression_by_hand_without_training():
+    """One round, no retraining or fine-tuning: the smallest weights of each layer are zero,
+    the rest are the linear-initialised k-means centres of the survivors."""
+    from sklearn.cluster import KMeans
+
+    posterior, data = _tiny_task()
+    qnet = pqnet.quantize(posterior, "deep-compression", data=data, sparsity=0.75, k=4,
+                          rounds=1, retrain_epochs=0, centre_epochs=0)
+    for path, layer in qnet.layers.items():
+        mu = posterior.loc[f"{path}.weight"]
+        keep = int(np.ceil(0.25 * mu.numel()))
+        kept = mu.abs().reshape(-1).topk(keep).indices
+        mask = torch.zeros(mu.numel(), dtype=torch.bool)
+        mask[kept] = True
+        mask = mask.reshape(mu.shape)
+        w = qnet.weights()[f"{path}.weight"]
+        assert torch.equal(layer.bits == 0, ~mask) and bool((w[~mask] == 0).all())
+        survivors = mu[mask].double().numpy()[:, None]
+        start = np.linspace(survivors.min(), survivors.max(), 4)[:, None]
+        centres = np.sort(KMeans(4, init=start, n_init=1).fit(survivors).cluster_centers_[:, 0])
+        assert np.allclose(np.sort(w[mask].unique().numpy()), centres, atol=1e-6)
+        assert layer.widths == [0, 2]
+
+
+def test_deep_compression_keeps_its_sparsity_and_clusters_through_training(tmp_path):
+    posterior, data = _tiny_task()
+    qnet = pqnet.quantize(posterior, "deep-compression", data=data, sparsity=0.6, k=3,
+                          rounds=3, retrain_epochs=2, centre_epochs=2, lr=1e-2)
+    for path, layer in qnet.layers.items():
+        w = qnet.weights()[f"{path}.weight"]
+        n = w.numel()
+        assert int((w == 0).sum()) >= n - int(np.ceil(0.4 * n))  # the sparsity reached
+        assert len(w[layer.bits > 0].unique()) <= 3  # k shared values, fine-tuned
+    start = pqnet.quantize(posterior, "deep-compression", data=data, sparsity=0.6, k=3,
+                           rounds=3, retrain_epochs=2, centre_epochs=0, lr=1e-2)
+    assert not torch.equal(qnet.weights()["0.weight"], start.weights()["0.weight"])
+    loaded = pqnet.QuantizedNet.load(qnet.save(tmp_path / "dc.pqn"), module=posterior.module)
+    assert torch.equal(loaded.weights()["0.weight"], qnet.weights()["0.weight"])
+
+
+@pytest.mark.parametrize("options, message", [({"sparsity": 1.0}, r"sparsity: .*\[0, 1\)"),
+                                              ({"k": 1}, "k:"), ({"rounds": 0}, "rounds:")])
+def test_deep_compression_refuses_bad_settings(options, message):
+    posterior, data = _tiny_task()
+    with pytest.raises(ValueError, match=message):
+        pqnet.quantize(posterior, "deep-compression", data=data, **options)
+    with pytest.raises(ValueError, match="data: deep-compression retrains"):
+        pqnet.quantize(posterior, "deep-compression")

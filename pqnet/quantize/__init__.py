@@ -22,6 +22,8 @@ method                    rule                                            budget
                           Dasmahapatra 2023)                              counts values)
 ``sigma-code``            per-weight code length: the shortest code       ``k`` | ``code_bits``
                           within k sigma, entropy-constrained
+``deep-compression``      magnitude pruning with retraining, per-layer    ``sparsity``, ``k``
+                          k-means, centroid fine-tuning (Han et al. 2016) + data
 ========================= =============================================== ====================
 
 Every method also takes ``prune=c``: weights whose central ``c`` credible interval holds 0
@@ -41,6 +43,7 @@ from torch.utils.data import Dataset
 from .. import _checks
 from ..inference.posterior import Posterior
 from .bayesian_compression import bayesian_compression
+from .deep_compression import deep_compression
 from .finetune import finetune
 from .kmeans import kmeans
 from .prune import bayesian_prune
@@ -53,7 +56,7 @@ from .sigma_code import sigma_code
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
-           "bayesian_prune", "budget_keywords", "finetune", "kmeans", "pwfn", "quantile_inform",
+           "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans", "pwfn", "quantile_inform",
            "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform", "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
@@ -67,6 +70,7 @@ METHODS: dict[str, Quantizer] = {
     "random-bits": random_bits,
     "pwfn": pwfn,
     "sigma-code": sigma_code,
+    "deep-compression": deep_compression,
 }
 
 
