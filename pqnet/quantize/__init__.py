@@ -56,8 +56,9 @@ from .sigma_code import sigma_code
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
-           "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans", "pwfn", "quantile_inform",
-           "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform", "weight_name"]
+           "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans", "pwfn",
+           "quantile_inform", "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform",
+           "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
 
