@@ -46,3 +46,23 @@ def classification_metrics(mean_probs: torch.Tensor, labels: torch.Tensor,
         "entropy": float(total.double().mean()),
         "mutual_information": float((total - mean_sample_entropy).clamp_min(0).double().mean()),
     }
+
+
+def mcnemar(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict:
+    """Exact McNemar test of two classifiers scored on the same examples.
+
+    Only the discordant examples count: ``b`` where only A is right, ``c`` where only B is.
+    Under the null of equal accuracy ``b ~ Binomial(b + c, 1/2)``; the two-sided p-value is
+    ``min(1, 2 P(X <= min(b, c)))`` (McNemar 1947; exact form, Edwards 1948). Returns
+    ``{"only_a", "only_b", "p_value"}``.
+    """
+    from scipy.stats import binom  # scikit-learn's dependency; imported where it is used
+
+    a, b = correct_a.bool().reshape(-1), correct_b.bool().reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"correct_b: expected {tuple(a.shape)} like correct_a, got "
+                         f"{tuple(b.shape)}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    p = 1.0 if n == 0 else min(1.0, 2 * float(binom.cdf(min(only_a, only_b), n, 0.5)))
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}

@@ -1,5 +1,5 @@
-"""Bayesian pruning and the entropy-constrained quantizer: the posterior's uncertainty picks
-which weights vanish and how long each code is."""
+"""Compression that uses the posterior: Bayesian pruning, the entropy-constrained quantizer,
+the Deep Compression baseline, and the paired test that compares them."""
 
 import numpy as np
 import pytest
@@ -208,3 +208,15 @@ def test_deep_compression_refuses_bad_settings(options, message):
         pqnet.quantize(posterior, "deep-compression", data=data, **options)
     with pytest.raises(ValueError, match="data: deep-compression retrains"):
         pqnet.quantize(posterior, "deep-compression")
+
+
+def test_mcnemar_by_hand():
+    from pqnet.diagnostics.metrics import mcnemar
+
+    a = torch.tensor([1, 1, 1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    b = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
+    # 5 examples only A gets right, 1 only B: p = 2 * P(X <= 1 | 6, 1/2) = 2 * 7 / 64
+    assert mcnemar(a, b) == {"only_a": 5, "only_b": 1, "p_value": pytest.approx(14 / 64)}
+    assert mcnemar(a, a)["p_value"] == 1.0
+    with pytest.raises(ValueError, match="correct_b"):
+        mcnemar(a, b[:5])

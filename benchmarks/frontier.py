@@ -1,0 +1,246 @@
+"""The compression frontier: test accuracy against file size, chosen on validation, paired tests.
+
+For each seed, on MNIST-5k (``../shared/data/mnist``) with LeNet-5:
+
+1. a stratified 10 % of the training images is carved out as validation; the 10k test
+   images only score what validation chose;
+2. the **float** net (plain PyTorch, Adam 1e-3, batch 128) trains ``--float-epochs`` on the
+   rest; it is every method's start;
+3. every method then gets ``--epochs`` more epochs on the same images:
+   - **pqnet**: ``pqnet.fit(pqnet.bayesian(float))`` with its defaults for
+     ``epochs - finetune`` epochs, then each quantizer in :data:`PQNET` with
+     ``finetune_epochs=finetune``;
+   - **Deep Compression**: ``quantize(..., "deep-compression")`` on the float net, 3 rounds
+     of ``(epochs - 1) // 3`` retraining epochs and 1 epoch of centroid fine-tuning;
+   - **brevitas QAT**: the float net's brevitas twin trained ``epochs`` epochs;
+4. every network is saved in pqnet's file format and scored as loaded; its size is the file.
+
+Selection: per family, the smallest file whose validation accuracy is at least the float
+net's minus 0.3 pp. Its test accuracy, and McNemar tests on the 10k test images against
+brevitas 2-bit and the chosen Deep Compression file, are reported. The posterior's
+``KL(q || p)`` in kB is the information bound (a draw from ``q`` is codable in about KL nats:
+Havasi et al. 2019, "Minimal Random Code Learning").
+
+    python benchmarks/frontier.py --data-dir ../shared/data/mnist --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import pqnet
+from pqnet._io import save_json
+from pqnet.bench import brevitas_net, qat_to_qnet, train_network
+from pqnet.diagnostics.metrics import mcnemar
+from pqnet.diagnostics.plots import save_figure
+from pqnet.diagnostics.table import format_table
+from pqnet.inference.batching import split_validation
+from pqnet.quantize import QuantizedNet
+from pqnet.quantize.codec import raw_bytes
+
+PQNET = [("sigma-code", {"code_bits": b}) for b in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)] \
+    + [("uniform", {"bits": b, "prune": p}) for b in (2, 3) for p in (0, 0.95)] \
+    + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0, 3.0)] \
+    + [("sigma-bits", {"avg_bits": 2.0})]
+DEEP = [{"sparsity": s, "k": k} for s in (0.8, 0.9, 0.95) for k in (4, 16)]
+BREVITAS = (2, 3, 4)
+TOLERANCE = 0.003  # 0.3 pp below the float net's validation accuracy
+
+
+def scores(module: torch.nn.Module, data) -> tuple[dict, torch.Tensor]:
+    """``evaluate``'s metrics and the per-example correctness on ``data``."""
+    metrics = pqnet.evaluate(module, data)
+    module.eval()
+    x, y = data.tensors[:2]
+    with torch.no_grad():
+        correct = torch.cat([module(xb).argmax(1) == yb for xb, yb in
+                             zip(x.split(1000), y.split(1000), strict=True)])
+    return {k: metrics[k] for k in ("accuracy", "nll", "ece")}, correct
+
+
+def measured(qnet: QuantizedNet, family: str, setting: str, folder: Path, val, test,
+             seconds: float) -> tuple[dict, torch.Tensor]:
+    """Save, reload and score ``qnet``: a row and its test correctness."""
+    path = qnet.save(folder / f"{family}_{setting}.pqn".replace(" ", ""))
+    loaded = QuantizedNet.load(path)
+    assert path.stat().st_size == loaded.size_bytes
+    val_scores, _ = scores(loaded.to_module(), val)
+    test_scores, correct = scores(loaded.to_module(), test)
+    return {"family": family, "setting": setting, "file": path.name,
+            "size_bytes": loaded.size_bytes, "bits_per_weight": loaded.bits_per_weight,
+            "code_entropy_bits": loaded.code_entropy_bits, "val_accuracy": val_scores["accuracy"],
+            **test_scores, "seconds": seconds}, correct
+
+
+def pqnet_rows(float_net, fit_part, val, test, seed, args, folder):
+    start = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        bnn = pqnet.bayesian(copy.deepcopy(float_net))
+    posterior = pqnet.fit(bnn, fit_part, epochs=args.epochs - args.finetune, seed=seed,
+                          progress=False)
+    kl_kb = float(bnn.kl().detach()) / math.log(2) / 8 / 1024
+    fit_seconds = time.perf_counter() - start
+    rows, correct = [], {}
+    for method, options in PQNET:
+        start = time.perf_counter()
+        qnet = pqnet.quantize(posterior, method, data=fit_part, seed=seed,
+                              finetune_epochs=args.finetune, **options)
+        setting = f"{method} " + " ".join(f"{k}={v:g}" for k, v in options.items())
+        row, hits = measured(qnet, "pqnet", setting, folder, val, test,
+                             fit_seconds + time.perf_counter() - start)
+        rows.append(row)
+        correct[setting] = hits
+    info = {"kl_kb": kl_kb, "kl_weight": posterior.config["kl_weight"],
+            "posterior": scores(posterior.mean_module(), test)[0]}
+    return rows, correct, info
+
+
+def deep_rows(float_net, fit_part, val, test, seed, args, folder):
+    posterior = pqnet.Posterior.from_bnn(pqnet.bayesian(copy.deepcopy(float_net)))
+    retrain = max(1, (args.epochs - 1) // 3)
+    rows, correct = [], {}
+    for options in DEEP:
+        start = time.perf_counter()
+        qnet = pqnet.quantize(posterior, "deep-compression", data=fit_part, seed=seed, rounds=3,
+                              retrain_epochs=retrain, centre_epochs=1, **options)
+        setting = " ".join(f"{k}={v:g}" for k, v in options.items())
+        row, hits = measured(qnet, "deep-compression", setting, folder, val, test,
+                             time.perf_counter() - start)
+        rows.append(row)
+        correct[setting] = hits
+    return rows, correct
+
+
+def brevitas_rows(float_net, fit_part, val, test, seed, args, folder):
+    rows, correct = [], {}
+    for bits in BREVITAS:
+        qat = brevitas_net(float_net, bits)
+        seconds = train_network(qat, fit_part, epochs=args.epochs, batch_size=128, lr=1e-3,
+                                seed=seed)
+        qnet = qat_to_qnet(qat, float_net, bits)
+        row, hits = measured(qnet, "brevitas-qat", f"{bits} bits", folder, val, test, seconds)
+        rows.append(row)
+        correct[f"{bits} bits"] = hits
+    return rows, correct
+
+
+def one_seed(seed: int, train, test, args, folder: Path) -> dict:
+    fit_part, val = split_validation(train, 0.1, seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        float_net = pqnet.models.lenet5()
+    train_network(float_net, fit_part, epochs=args.float_epochs, batch_size=128, lr=1e-3,
+                  seed=seed)
+    float_val, _ = scores(float_net, val)
+    float_test, float_correct = scores(float_net, test)
+    rows, correct = [], {}
+    for family, build in (("pqnet", pqnet_rows), ("deep-compression", deep_rows),
+                          ("brevitas-qat", brevitas_rows)):
+        out = build(float_net, fit_part, val, test, seed, args, folder)
+        rows += out[0]
+        correct.update({(family, k): v for k, v in out[1].items()})
+        info = out[2] if family == "pqnet" else info
+        print(format_table(out[0], ["family", "setting", "size_bytes", "bits_per_weight",
+                                    "val_accuracy", "accuracy", "nll", "ece"]), flush=True)
+    for row in rows:
+        row["seed"] = seed
+    chosen = choose(rows, float_val["accuracy"])
+    tests = paired_tests(chosen, correct)
+    return {"seed": seed, "float": {**float_test, "val_accuracy": float_val["accuracy"],
+                                    "size_bytes": raw_bytes(float_net.state_dict().values())},
+            **info, "rows": rows, "chosen": chosen, "mcnemar": tests,
+            "float_correct": int(float_correct.sum())}
+
+
+def choose(rows: list[dict], float_val: float) -> dict:
+    """Per family, the smallest file within ``TOLERANCE`` of the float net on validation."""
+    chosen = {}
+    for family in ("pqnet", "deep-compression", "brevitas-qat"):
+        ok = [r for r in rows if r["family"] == family
+              and r["val_accuracy"] >= float_val - TOLERANCE]
+        chosen[family] = min(ok, key=lambda r: r["size_bytes"]) if ok else None
+    return chosen
+
+
+def paired_tests(chosen: dict, correct: dict) -> dict:
+    """McNemar of pqnet's chosen file against brevitas 2-bit and the chosen Deep Compression."""
+    out = {}
+    if chosen["pqnet"] is None:
+        return out
+    mine = correct[("pqnet", chosen["pqnet"]["setting"])]
+    rivals = {"brevitas-qat 2 bits": ("brevitas-qat", "2 bits")}
+    if chosen["deep-compression"] is not None:
+        rivals["deep-compression chosen"] = ("deep-compression",
+                                             chosen["deep-compression"]["setting"])
+    for name, key in rivals.items():
+        out[name] = mcnemar(mine, correct[key])
+    return out
+
+
+def plot(results: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    colours = {"pqnet": "tab:blue", "deep-compression": "tab:orange",
+               "brevitas-qat": "tab:green"}
+    for seed_result in results:
+        for family, colour in colours.items():
+            points = sorted((r["size_bytes"] / 1024, 100 * r["accuracy"])
+                            for r in seed_result["rows"] if r["family"] == family)
+            ax.scatter(*zip(*points, strict=True), color=colour, s=14, alpha=0.6,
+                       label=family if seed_result is results[0] else None)
+        ax.axvline(seed_result["kl_kb"], color="tab:blue", linestyle=":", linewidth=1,
+                   label="KL(q||p) bound" if seed_result is results[0] else None)
+        ax.axhline(100 * seed_result["float"]["accuracy"], color="grey", linestyle="--",
+                   linewidth=1, label="float net" if seed_result is results[0] else None)
+    ax.set_xscale("log")
+    ax.set_ylim(max(80, ax.get_ylim()[0]), None)
+    ax.set_xlabel("file size (kB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"LeNet-5 on MNIST-5k, seeds {[r['seed'] for r in results]}: every "
+                 "network as its saved file", fontsize="medium", loc="left")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default="../shared/data/mnist")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--float-epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--finetune", type=int, default=2)
+    parser.add_argument("--json", default="benchmarks/frontier.json")
+    parser.add_argument("--plot", default="benchmarks/frontier.png")
+    args = parser.parse_args()
+    train, test = pqnet.data.load("mnist", root=args.data_dir)
+    start, load = time.perf_counter(), os.getloadavg()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            results.append(one_seed(seed, train, test, args, Path(tmp)))
+            summary = [{"seed": r["seed"], "family": f, **(c or {})}
+                       for r in results for f, c in r["chosen"].items()]
+            print(format_table(summary, ["seed", "family", "setting", "size_bytes",
+                                         "bits_per_weight", "val_accuracy", "accuracy", "ece"]))
+            print(results[-1]["mcnemar"], flush=True)
+    save_json({"config": vars(args), "load_before": load, "load_after": os.getloadavg(),
+               "seconds": time.perf_counter() - start, "torch": torch.__version__,
+               "seeds": results}, args.json)
+    plot(results, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
