@@ -82,18 +82,23 @@ pqnet.evaluate(qnet.to_module(), test)"""),
     md("""
 ## Diagnose with ArviZ
 
-`pqnet.to_inference_data` draws weights from the posterior and computes, with each draw, the
-log-likelihood of every test observation: an `az.InferenceData` with named dims.
+`pqnet.to_inference_data` draws weights from the posterior (two chains by default) and
+computes, with each draw, the log-likelihood of every *training* observation: an
+`az.InferenceData` with named dims, the fit's ELBO history in `sample_stats`, and PSIS-LOO
+(valid on the data the posterior was fitted on) with its Pareto k checked by `psis_loo`.
 """),
     code("""
-idata = pqnet.to_inference_data(posterior, test, num_samples=DRAWS, chains=2,
+from pqnet.diagnostics.arviz import pareto_k_table, psis_loo
+
+idata = pqnet.to_inference_data(posterior, train, num_samples=DRAWS,
                                 max_weights_per_layer=64, seed=0)
+loo = psis_loo(idata)
+print(loo.elpd_loo, pareto_k_table(loo))
 idata"""),
     code("""az.summary(idata, var_names=["8.bias"])"""),
     md("""
-One table ranks the BNN, its mean network and the quantized network by their log
-predictive density on the test split (`az.compare`, see
-`pqnet.diagnostics.arviz.held_out_elpd` for what LOO means for a deterministic net).
+One table ranks the BNN, its mean network and the quantized network by their exact log
+predictive density on the test split (`elpd_test`: held out, not LOO).
 """),
     code("""
 from pqnet.diagnostics import compare_networks
@@ -157,19 +162,30 @@ ood = x_test.reshape(len(x_test), -1)[:, torch.randperm(x_test[0].numel())].resh
 qnets = {m: pqnet.quantize(posterior, m, avg_bits=3.0)
          for m in ("uniform", "quantile-inform", "sigma-bits")}
 bnn_summary = analysis.predictive_summary(posterior, test, ood=ood, num_samples=SAMPLES)
-results = {m: analysis.analyze(posterior, q, test, ood=ood, reference=bnn_summary)
+mean_summary = analysis.predictive_summary(posterior.mean_module(), test, ood=ood)
+results = {m: analysis.analyze(posterior, q, test, ood=ood, reference=bnn_summary,
+                               mean_reference=mean_summary)
            for m, q in qnets.items()}
 rows = [{"network": "BNN", **bnn_summary}] + [
     {"network": m, "avg_bits": qnets[m].avg_bits, **r["after"], "agreement": r["agreement"],
      "kl": r["kl"], "hdi": r["hdi_coverage"]} for m, r in results.items()]
 print(format_table(rows, ["network", "avg_bits", "accuracy", "ece", "ood_auroc", "agreement",
                           "kl", "hdi"]))"""),
-    md("Per layer: bits, posterior sd, and how far the quantized weights moved in sd units."),
+    md("""
+First what each did to the predictions: paired checks against the network of posterior
+means (flagged when worse by more than 2 standard errors and a practical floor). Then per
+layer: bits, posterior sd, how far the posterior moved from the prior (`sd_ratio`; a layer
+near 1 was not informed by the data, and its HDI coverage and z-scores cannot judge the
+quantization), and how far the quantized weights moved in sd units.
+"""),
     code("""
 for m, r in results.items():
-    print(m, f"(Spearman bits vs sigma: {r['bits_sigma_spearman']:+.2f})")
-    print(format_table(r["layers"], ["layer", "kind", "bits", "sigma", "snr", "hdi_coverage",
-                                     "z_abs_mean", "z_abs_max"]), end="\\n\\n")"""),
+    print(m, "flagged:" if r["flagged"] else "passes", ", ".join(r["flagged"]))
+    print(format_table(r["checks"], ["check", "quantized", "mean_network", "posterior",
+                                     "difference", "se", "flagged"]))
+    print(analysis.bits_sigma_text(r["bits_sigma_spearman"]))
+    print(format_table(r["layers"], ["layer", "kind", "bits", "sigma", "snr", "sd_ratio",
+                                     "hdi_coverage", "z_abs_mean", "z_abs_max"]), end="\\n\\n")"""),
     code("plots.bits_plot(qnets)"),
     code("plots.zscore_plot(posterior, qnets)"),
     code("""
@@ -222,9 +238,9 @@ print(format_table(results["rows"], ["method", "budget", "avg_bits", "accuracy",
                                      "unique_values", "size_bytes"]))"""),
     code("plots.pareto_plot(results)"),
     md("""
-The same networks ranked by their held-out log predictive density (higher `elpd_loo` is
-better; `dse` is the standard error of the difference to the best, paired over the test
-observations).
+The same networks ranked by their exact held-out log predictive density (higher
+`elpd_test` is better; `dse` is the standard error of the difference to the best, paired
+over the test observations).
 """),
     code("""
 compare_networks({"BNN": posterior, "mean": posterior.mean_module(),

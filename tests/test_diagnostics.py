@@ -19,8 +19,8 @@ from pqnet.diagnostics import analysis, plots
 from pqnet.diagnostics.arviz import (
     az,
     compare_networks,
-    held_out_elpd,
-    held_out_inference_data,
+    held_out_log_density,
+    psis_loo,
     weight_subset,
 )
 from pqnet.diagnostics.metrics import expected_calibration_error
@@ -162,10 +162,12 @@ def test_summary_and_loo_run(tiny):
     summary = az.summary(idata, var_names=["3.bias"])
     assert list(summary.index) == [f"3.bias[{i}]" for i in range(4)]
     assert {"mean", "sd", "ess_bulk", "r_hat"} <= set(summary.columns)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pareto k warnings for 20 draws
-        loo = az.loo(idata, pointwise=True)
+    with pytest.warns(analysis.DiagnosticWarning, match="Pareto k"):  # 20 draws, random data
+        loo = psis_loo(idata)
     assert loo["loo_i"].shape == (20,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        psis_loo(idata, warn=False)
 
 
 # --------------------------------------------------------------------------- held-out comparison
@@ -175,18 +177,15 @@ def test_held_out_density_of_a_point_mass_and_a_bnn(tiny):
     posterior, data = tiny
     x, y = data.tensors
     net = posterior.mean_module()
-    idata = held_out_inference_data(net, data)
-    assert idata.log_likelihood["y"].shape == (1, 1, 20)
+    lpd = held_out_log_density(net, data)
+    assert lpd.shape == (20,) and lpd.dtype == np.float64
     with torch.no_grad():
         expected = net(x).double().log_softmax(-1)[torch.arange(len(y)), y].numpy()
-    np.testing.assert_allclose(idata.log_likelihood["y"].values[0, 0], expected, rtol=1e-6)
-    elpd = held_out_elpd(idata)
-    assert elpd["elpd_loo"] == pytest.approx(expected.sum()) and elpd["p_loo"] == 0
-    assert elpd["se"] == pytest.approx(math.sqrt(20 * expected.var()))
+    np.testing.assert_allclose(lpd, expected, rtol=1e-6)
     # the BNN: the log of its mean predictive, which evaluate's nll is the negative mean of
-    bnn = held_out_inference_data(posterior, data, num_samples=6, seed=2)
+    bnn = held_out_log_density(posterior, data, num_samples=6, seed=2)
     nll = pqnet.evaluate(posterior, data, num_samples=6, seed=2)["nll"]
-    assert -bnn.log_likelihood["y"].values.mean() == pytest.approx(nll, rel=1e-5)
+    assert -bnn.mean() == pytest.approx(nll, rel=1e-5)
 
 
 def test_compare_ranks_bnn_mean_and_quantized(tiny):
@@ -195,9 +194,16 @@ def test_compare_ranks_bnn_mean_and_quantized(tiny):
     table = compare_networks({"BNN": posterior, "mean": posterior.mean_module(), "1 bit": qnet},
                              data, num_samples=4)
     assert set(table.index) == {"BNN", "mean", "1 bit"}
-    assert (table["p_loo"] == 0).all() and not table["warning"].any()
-    assert table["elpd_diff"].iloc[0] == 0 and (table["elpd_diff"] >= 0).all()
-    assert table["weight"].sum() == pytest.approx(1)
+    assert list(table["rank"]) == [0, 1, 2] and table["elpd_diff"].iloc[0] == 0
+    assert (table["elpd_diff"] >= 0).all() and table["elpd_test"].is_monotonic_decreasing
+    lpd = {"BNN": held_out_log_density(posterior, data, num_samples=4),
+           "mean": held_out_log_density(posterior.mean_module(), data),
+           "1 bit": held_out_log_density(qnet, data)}
+    best = table.index[0]
+    for name, values in lpd.items():  # paired: the se of the summed pointwise differences
+        diff = lpd[best] - values
+        assert table.loc[name, "elpd_test"] == pytest.approx(values.sum())
+        assert table.loc[name, "dse"] == pytest.approx(math.sqrt(20 * diff.var()), abs=1e-9)
     with pytest.raises(ValueError, match="^models: "):
         compare_networks({"BNN": posterior}, data)
     with pytest.raises(TypeError, match="^model: "):
@@ -340,7 +346,8 @@ def test_report_from_a_run_folder(run, capsys):
         assert f"({png}.png)" in text
     idata = az.from_netcdf(report / "idata.nc")
     assert idata.posterior.sizes["draw"] == 8
-    assert idata.log_likelihood["y"].shape == (2, 8, 450)
+    assert idata.log_likelihood["y"].shape == (2, 8, 1347)  # the training split, for LOO
+    assert "PSIS-LOO of the training split" in text and "Predictive checks" in text
 
 
 def test_report_bad_input(run, tmp_path, capsys):

@@ -99,7 +99,8 @@ def test_regression_posterior_keeps_likelihood_and_config_across_save_and_load(t
 def test_regression_to_inference_data_holds_the_normal_log_likelihood():
     post = linear_posterior(s=1e-6)
     x, y = torch.tensor([[1.0], [2.0]]), torch.tensor([[2.0], [4.5]])
-    idata = pqnet.to_inference_data(post, TensorDataset(x, y), num_samples=5, seed=0)
+    idata = pqnet.to_inference_data(post, TensorDataset(x, y), num_samples=5, seed=0,
+                                    chains=1)
     ll = idata.log_likelihood["y"].values  # (chain, draw, obs)
     assert ll.shape == (1, 5, 2)
     const = -math.log(0.25 * math.sqrt(2 * math.pi))

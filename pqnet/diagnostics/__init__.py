@@ -12,11 +12,12 @@ from .metrics import classification_metrics, entropy, expected_calibration_error
 
 # name -> submodule, imported on first access (PEP 562)
 _LAZY = {
-    **dict.fromkeys(["compare_networks", "held_out_elpd", "held_out_inference_data",
-                     "to_inference_data"], "arviz"),
-    **dict.fromkeys(["analyze", "bits_sigma_correlation", "entropy_auroc", "hdi_coverage",
-                     "layer_table", "predictive_divergence", "predictive_summary", "reliability",
-                     "z_scores"], "analysis"),
+    **dict.fromkeys(["DEFAULT_CHAINS", "compare_networks", "held_out_log_density",
+                     "pareto_k_table", "psis_loo", "to_inference_data"], "arviz"),
+    **dict.fromkeys(["HDI_PROB", "DiagnosticWarning", "analyze", "bits_sigma_correlation",
+                     "entropy_auroc", "hdi_coverage", "layer_table", "prediction_checks",
+                     "predictive_divergence", "predictive_summary", "prior_movement",
+                     "reliability", "z_scores"], "analysis"),
     **dict.fromkeys(["bits_plot", "codebook_plot", "pareto_plot", "reliability_plot",
                      "save_figure", "sigma_plot", "zscore_plot"], "plots"),
     "write_report": "report",

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import norm
 
 from .._io import atomic_write
+from ..bnn.priors import Prior
 from ..inference.posterior import Posterior
 from ..quantize.qnet import QuantizedNet, weight_name
-from .analysis import z_scores
+from .analysis import HDI_PROB, recorded_prior, z_scores
 
 # the reference networks of a benchmark result: (key, legend label, colour)
 REFERENCES = (("float", "BNN posterior predictive", "black"),
@@ -123,10 +125,14 @@ def _figure(panels: int, width: float = 4.2, height: float = 3.6, columns: int =
     return fig, axes[:panels]
 
 
-def sigma_plot(posterior: Posterior, kind: str = "sigma", bins: int = 40) -> Figure:
+def sigma_plot(posterior: Posterior, kind: str = "sigma", bins: int = 40,
+               prior: str | float | Prior | None = None) -> Figure:
     """Per-layer distributions of the posterior standard deviations ``sigma_i`` (``kind=
     "sigma"``) or of the signal-to-noise ratios ``|mu_i| / sigma_i`` (``kind="snr"``) of the
-    Linear/Conv weights, as densities over ``log10``: one line per layer.
+    Linear/Conv weights, as densities over ``log10``: one line per layer. With
+    ``kind="sigma"`` each layer's prior sd (:func:`~pqnet.diagnostics.analysis.
+    recorded_prior`, or ``prior``) is a dashed vertical line in the layer's colour: a layer
+    whose sds pile up at its line was not informed by the data.
 
     A weight with a low SNR is one the data barely pin down (Graves 2011, "Practical
     Variational Inference for Neural Networks", prunes by it; Blundell et al. 2015 too).
@@ -134,15 +140,21 @@ def sigma_plot(posterior: Posterior, kind: str = "sigma", bins: int = 40) -> Fig
     if kind not in ("sigma", "snr"):
         raise ValueError(f"kind: expected 'sigma' or 'snr', got {kind!r}")
     fig, (ax,) = _figure(1, width=6.5)
-    for path in posterior.layers:
+    used_prior, _ = recorded_prior(posterior, prior)
+    for path, info in posterior.layers.items():
         name = weight_name(path)
         mu, sigma = posterior.loc[name].double(), posterior.scale[name].double()
         value = sigma if kind == "sigma" else mu.abs() / sigma
-        ax.hist(value.clamp_min(1e-12).log10().reshape(-1).numpy(), bins=bins, density=True,
-                histtype="step", linewidth=1.5, label=f"{path} ({mu.numel():,})")
+        *_, patches = ax.hist(value.clamp_min(1e-12).log10().reshape(-1).numpy(), bins=bins,
+                              density=True, histtype="step", linewidth=1.5,
+                              label=f"{path} ({mu.numel():,})")
+        if kind == "sigma":
+            ax.axvline(math.log10(used_prior.scale_for(info.fan_in)), linestyle="--",
+                       linewidth=1, color=patches[0].get_edgecolor())
     ax.set_xlabel("log10 sigma" if kind == "sigma" else "log10 |mu| / sigma")
     ax.set_ylabel("density")
-    ax.set_title("posterior sd per layer" if kind == "sigma" else "signal-to-noise per layer",
+    ax.set_title("posterior sd per layer (dashed: prior sd)" if kind == "sigma" else
+                 "signal-to-noise per layer",
                  fontsize="medium", loc="left")
     ax.legend(fontsize="small", title="layer (weights)", title_fontsize="small")
     ax.grid(alpha=0.3)
@@ -202,18 +214,21 @@ def reliability_plot(curves: Mapping[str, dict]) -> Figure:
 
 
 def zscore_plot(posterior: Posterior, qnets: Mapping[str, QuantizedNet],
-                clip: float = 6.0, bins: int = 60) -> Figure:
+                clip: float = 6.0, bins: int = 60, prob: float = HDI_PROB) -> Figure:
     """Quantization errors in posterior standard deviations, ``z_i = (q(mu_i) - mu_i) /
     sigma_i`` (:func:`pqnet.diagnostics.analysis.z_scores`): one panel per quantized
     network, one density per layer, against the ``N(0, 1)`` of a posterior draw, with its
-    95 % interval ``+-1.96`` shaded. Values beyond ``+-clip`` are counted in the edge bins
-    and their share is given in the legend."""
+    ``prob`` HDI (``+-1.96`` for 95 %) shaded. Values beyond ``+-clip`` are counted in the
+    edge bins and their share is given in the legend. A layer whose posterior sd sits at the
+    prior sd looks ideal here whatever the quantization did (see
+    :func:`~pqnet.diagnostics.analysis.prior_movement`)."""
     if not qnets:
         raise ValueError("qnets: expected at least one quantized network")
     fig, axes = _figure(len(qnets))
     grid = np.linspace(-clip, clip, 400)
     for ax, (label, qnet) in zip(axes, qnets.items(), strict=True):
-        ax.axvspan(-1.96, 1.96, color="tab:green", alpha=0.08, label="95 % HDI")
+        half = float(norm.ppf((1 + prob) / 2))
+        ax.axvspan(-half, half, color="tab:green", alpha=0.08, label=f"{100 * prob:g} % HDI")
         ax.plot(grid, np.exp(-grid ** 2 / 2) / math.sqrt(2 * math.pi), color="black",
                 linestyle="--", linewidth=1, label="N(0, 1)")
         for name, z in z_scores(posterior, qnet).items():

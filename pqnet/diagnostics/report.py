@@ -5,13 +5,16 @@
 ``RUN_DIR/report/``:
 
 - ``idata.nc``: the posterior as ArviZ InferenceData (:func:`~pqnet.diagnostics.arviz.
-  to_inference_data`), readable with ``az.from_netcdf``;
+  to_inference_data`) with the log-likelihood of the *training* split (for PSIS-LOO) and
+  the fit's ELBO history in ``sample_stats``, readable with ``az.from_netcdf``;
 - PNG figures: posterior sd and SNR per layer, bits per layer, z-scores of the quantization
   errors, reliability diagrams, codebook usage, accuracy against average bits (Pareto);
 - ``report.md``, to read top to bottom: what was fitted; the posterior and its diagnostics;
   each quantized version's bits, size, accuracy, calibration and its statistics against the
-  posterior; one held-out comparison table of them all; the benchmark, when the folder has
-  a ``bench.json`` (:func:`pqnet.bench.run_benchmark`'s result).
+  posterior, led by what it did to the predictions (paired checks against the mean network,
+  flagged when they fail); one held-out comparison table of them all (``elpd_test``); the
+  benchmark, when the folder has a ``bench.json`` (:func:`pqnet.bench.run_benchmark`'s
+  result). Every HDI is at :data:`~pqnet.diagnostics.analysis.HDI_PROB`.
 
 Further fits of the same network saved in the folder as ``posterior*.pt`` (e.g. other
 seeds) become further chains, which makes R-hat and ESS meaningful.
@@ -39,8 +42,8 @@ from .._io import atomic_write
 from ..inference.posterior import Posterior
 from ..quantize import QuantizedNet, quantize
 from ..quantize.codec import raw_bytes
-from .analysis import analyze, predictive_summary
-from .arviz import az, compare_networks, to_inference_data
+from .analysis import HDI_PROB, analyze, bits_sigma_text, predictive_summary, prior_movement
+from .arviz import az, compare_networks, pareto_k_table, psis_loo, to_inference_data
 from .plots import (
     bits_plot,
     codebook_plot,
@@ -189,6 +192,54 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", label).strip("-")
 
 
+def _prior_section(posterior: Posterior) -> list[str]:
+    """How far each layer's posterior moved from its prior; uninformed layers in bold."""
+    rows = prior_movement(posterior)
+    for row in rows:
+        row["informed"] = "yes" if row["informed"] else "**no: at the prior**"
+    return ["How far the data moved each layer's posterior from its prior: the median "
+            "posterior sd over the prior sd (`sd_ratio`, 1 = unmoved) and the mean "
+            "KL(q || p) per weight. A layer the data did not inform keeps sds at the prior's; "
+            "its weights' HDIs then cover any value near the prior, so HDI coverage and "
+            "z-scores cannot judge its quantization.", "",
+            markdown_table(rows, ["layer", "kind", "weights", "prior_sd", "sd_ratio",
+                                  "kl_per_weight", "informed"],
+                           {"sd_ratio": ".3f", "kl_per_weight": ".3g", "prior_sd": ".3g"}), ""]
+
+
+def _loo_section(loo) -> list[str]:
+    """PSIS-LOO of the training split with its Pareto k diagnostics."""
+    bad = sum(r["count"] for r in pareto_k_table(loo)[1:])
+    verdict = (f"**{bad} observations have k above {loo.good_k:.2f}: their LOO estimates are "
+               "unreliable.**" if bad else f"Every k is at most {loo.good_k:.2f}: reliable.")
+    return ["PSIS-LOO of the training split (Vehtari, Gelman & Gabry 2017; `psis_loo`): "
+            f"elpd_loo {loo.elpd_loo:,.1f} (se {loo.se:,.1f}), p_loo {loo.p_loo:,.1f}, over "
+            f"{loo.n_data_points:,} observations and {loo.n_samples} draws. Pareto k "
+            f"diagnostics: {verdict}", "",
+            markdown_table(pareto_k_table(loo), ["pareto_k", "count", "share"],
+                           {"share": ".1%"}), ""]
+
+
+def _checks_overview(results: dict) -> list[str]:
+    """One line per quantized version: passed, or which checks failed."""
+    lines = [f"- **{label}: FLAGGED** ({', '.join(r['flagged'])} worse than the mean network)"
+             if r["flagged"] else f"- {label}: passes the predictive checks"
+             for label, r in results.items()]
+    return [*lines, ""]
+
+
+def _checks_section(result: dict) -> list[str]:
+    """The predictive checks of one quantized version against the mean network."""
+    rows = [{**c, "verdict": "**FLAGGED**" if c["flagged"] else "ok"} for c in result["checks"]]
+    return ["Predictive checks on the test split, against the network of posterior means "
+            "(`difference` = quantized - mean, `se` paired over the examples; flagged when "
+            "worse by more than 2 se and a practical floor):", "",
+            markdown_table(rows, ["check", "quantized", "mean_network", "posterior",
+                                  "difference", "se", "verdict"],
+                           {"quantized": ".4g", "mean_network": ".4g", "posterior": ".4g",
+                            "difference": "+.4g", "se": ".2g"}), ""]
+
+
 def write_report(
     run_dir: str | os.PathLike,
     *,
@@ -233,6 +284,7 @@ def write_report(
     posterior = fits[0]
     root = data_dir if data_dir is not None else metrics.get("data_dir")
     try:
+        train = datasets.load(metrics["data"], root=root, split="train")
         test = datasets.load(metrics["data"], root=root, split="test")
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"data_dir: cannot load the data set {metrics['data']!r} that "
@@ -244,9 +296,10 @@ def write_report(
         save_figure(fig, out / f"{name}.png")
         return f"![{name}]({name}.png)"
 
-    # the posterior as ArviZ data
-    idata = to_inference_data(fits, test, num_samples=draws, seed=seed,
+    # the posterior as ArviZ data, on the training split: the data PSIS-LOO is valid for
+    idata = to_inference_data(fits, train, num_samples=draws, seed=seed, split="train",
                               max_weights_per_layer=max_weights_per_layer)
+    loo = psis_loo(idata)
     atomic_write(out / "idata.nc", lambda tmp: idata.to_netcdf(str(tmp)))
 
     # the float references and the quantized versions, measured as loaded from their files
@@ -262,7 +315,7 @@ def write_report(
             path = qnet.save(Path(tmp) / "q.pqn")  # measured as it is stored
             qnets[label] = QuantizedNet.load(path, module=posterior.module)
             results[label] = analyze(posterior, qnets[label], test, ood=ood_x, reference=bnn,
-                                     num_samples=num_samples, seed=seed)
+                                     mean_reference=mean, num_samples=num_samples, seed=seed)
     table = compare_networks({"BNN": posterior, "mean": mean_module, **qnets}, test,
                              num_samples=num_samples, seed=seed)
 
@@ -309,17 +362,21 @@ def write_report(
            f"{chains} chain(s) of the weights (at most "
            f"{max_weights_per_layer} per layer, evenly spaced; dims `out_channel`, "
            "`in_channel`, `kh`, `kw` / `out_feature`, `in_feature`, prefixed by the layer), "
-           "the per-observation log-likelihood of the test split, posterior-predictive "
-           f"replicates and the observed labels; groups: {', '.join(idata.groups())}.", "",
+           "the per-observation log-likelihood of the training split, posterior-predictive "
+           "replicates, the observed labels and the fit's ELBO history per epoch "
+           f"(`sample_stats`); groups: {', '.join(idata.groups())}.", "",
            figure("sigma", sigma_plot(posterior, "sigma")),
            figure("snr", sigma_plot(posterior, "snr")), "",
-           "Posterior sd and signal-to-noise ratio `|mu| / sigma` per layer: the "
-           "uncertainty that decides the bits.", "",
-           "`az.summary` of a few weights (per layer, the stored weights with the lowest and "
-           "the highest SNR):", "",
-           _frame_table(az.summary(_few_weights(idata), kind="all" if chains > 1 else "stats"),
-                        "weight", {"ess_bulk": ".0f", "ess_tail": ".0f"}), ""]
-    if chains > 1:
+           "Posterior sd (dashed: each layer's prior sd) and signal-to-noise ratio "
+           "`|mu| / sigma` per layer: the uncertainty that decides the bits.", "",
+           *_prior_section(posterior),
+           f"`az.summary` ({100 * HDI_PROB:g} % HDI) of a few weights (per layer, the stored "
+           "weights with the lowest and the highest SNR):", "",
+           _frame_table(az.summary(_few_weights(idata), kind="all" if chains > 1 else "stats",
+                                   hdi_prob=HDI_PROB),
+                        "weight", {"ess_bulk": ".0f", "ess_tail": ".0f"}), "",
+           *_loo_section(loo)]
+    if len(fits) > 1:
         md += ["R-hat and bulk ESS across the chains (independent fits):", "",
                markdown_table(_convergence(idata),
                               ["quantity", "rhat_median", "rhat_max", "ess_bulk_min"],
@@ -329,18 +386,22 @@ def write_report(
                "per-observation log-likelihood is free of that symmetry: its R-hat near 1 says "
                "the fits make the same predictions.", ""]
     else:
-        md += ["One fit: the draws are independent draws from `q`, so R-hat and ESS would only "
-               "measure Monte Carlo noise. Save further fits (other seeds) in the run folder "
-               "as `posterior-<seed>.pt` to get chains whose R-hat means something.", ""]
+        md += [f"One fit: its {chains} chains are independent draws from `q`, so R-hat and ESS "
+               "only measure Monte Carlo noise. Save further fits (other seeds) in the run "
+               "folder as `posterior-<seed>.pt` to get chains whose R-hat means something.", ""]
 
     md += ["## 3. Quantized versions", "",
            "Each version is made from the posterior by `pqnet.quantize(posterior, method, "
            "avg_bits=...)`, saved, loaded back and measured as loaded. `size` is the length of "
            "its file (codes entropy-coded, codebooks, code model, header and the float rest), "
-           "`bits/weight` that length in bits per quantized weight; `agreement` and `kl` "
-           "compare its predictive with the BNN's; `hdi` is the fraction of its quantized "
-           "weights inside their 95 % posterior HDI (a posterior draw: 0.95); `|z|` the mean "
-           "quantization error in posterior sds (a posterior draw: 0.80).", ""]
+           "`bits/weight` that length in bits per quantized weight. First what each did to the "
+           "predictions on the test split (the checks below, per version); then "
+           "`agreement` and `kl`, its predictive against the BNN's; `hdi`, the fraction of its "
+           f"quantized weights inside their {100 * HDI_PROB:g} % posterior HDI (a posterior "
+           f"draw: {HDI_PROB:g}); `|z|`, the mean quantization error in posterior sds (a "
+           "posterior draw: 0.80). `hdi` and `|z|` cannot see a layer whose posterior stayed "
+           "at the prior (section 2): there any value near the prior passes.", "",
+           *_checks_overview(results)]
     sd_bytes = raw_bytes(posterior.scale.values())
     rows = [{"network": f"BNN ({num_samples} draws)", "bits/weight": 64.0,
              "size_kib": (float_size + sd_bytes) / 1024, **bnn},
@@ -363,7 +424,8 @@ def write_report(
            figure("bits", bits_plot(qnets)), "",
            figure("zscores", zscore_plot(posterior, qnets)), "",
            "Quantization errors in posterior sds, per layer: a version that stays a plausible "
-           "posterior draw keeps its mass inside the shaded 95 % band.", "",
+           f"posterior draw keeps its mass inside the shaded {100 * HDI_PROB:g} % band (blind "
+           "in layers the data did not inform).", "",
            figure("reliability", reliability_plot(
                {"BNN": bnn["reliability"], "posterior mean": mean["reliability"],
                 **{k: r["after"]["reliability"] for k, r in results.items()}})), ""]
@@ -371,32 +433,31 @@ def write_report(
         r = results[label]
         rho = r["bits_sigma_spearman"]
         md += [f"### {label}", "",
+               *_checks_section(r),
                f"{qnet.size_bytes:,} bytes ({qnet.bits_per_weight:.2f} bits per weight, all in; "
                f"fixed-width codes {qnet.avg_bits:.2f} bits, their entropy "
                f"{qnet.code_entropy_bits:.2f} bits), {qnet.unique_values} distinct values; "
                f"accuracy {r['after']['accuracy']:.4f} (BNN {bnn['accuracy']:.4f}), "
                f"{100 * r['agreement']:.1f} % agreement with the BNN; "
-               f"{100 * r['hdi_coverage']:.1f} % of its weights inside their 95 % HDI. "
-               + ("Spearman correlation of bits with relative posterior sd: "
-                  f"{rho:+.2f} (negative: more bits where the posterior is certain)."
-                  if not math.isnan(rho) else "All weights have the same width."), "",
+               f"{100 * r['hdi_coverage']:.1f} % of its weights inside their "
+               f"{100 * HDI_PROB:g} % HDI. {bits_sigma_text(rho)}", "",
                markdown_table(r["layers"], ["layer", "kind", "weights", "bits", "unique_values",
-                                            "sigma", "snr", "hdi_coverage", "z_abs_mean",
-                                            "z_abs_max"],
-                              {"bits": ".2f", "snr": ".2f", "hdi_coverage": ".3f",
-                               "z_abs_mean": ".2f", "z_abs_max": ".1f"}), "",
+                                            "sigma", "snr", "sd_ratio", "hdi_coverage",
+                                            "z_abs_mean", "z_abs_max"],
+                              {"bits": ".2f", "snr": ".2f", "sd_ratio": ".2f",
+                               "hdi_coverage": ".3f", "z_abs_mean": ".2f",
+                               "z_abs_max": ".1f"}), "",
                figure(f"codebooks-{_slug(label)}", codebook_plot(qnet)), ""]
 
     md += ["## 4. One table for all: held-out comparison", "",
-           "`az.compare(..., ic=\"loo\")` over the test split. Every network is scored by its "
-           "log predictive density on observations it was not fitted on: the BNN by the log "
-           f"of its mean predictive over {num_samples} draws, a deterministic network (the "
-           "mean, each quantized version) as a point-mass posterior, whose one draw gives "
-           "`log p(y | x, w)`. On held-out data this *is* the quantity LOO estimates, so it "
-           "is used exactly (p_loo = 0, no Pareto k); PSIS-LOO of a point mass would not be "
-           "defined (`pqnet.diagnostics.arviz.held_out_elpd`). `elpd_diff` and `dse` are "
-           "paired over the same observations.", "",
-           _frame_table(table.drop(columns=["scale"], errors="ignore"), "network"), ""]
+           "Every network scored by its exact log predictive density on the test split, which "
+           f"none was fitted on (`compare_networks`): the BNN by the log of its mean predictive "
+           f"over {num_samples} draws, a deterministic network (the mean, each quantized "
+           "version) by `log p(y | x, w)`. `elpd_test` is their sum (higher is better); "
+           "`elpd_diff` and `dse`, the difference to the best and its standard error, are "
+           "paired over the same observations. This is not LOO: nothing is left out or "
+           "importance-sampled (PSIS-LOO of the training data is in section 2).", "",
+           _frame_table(table, "network", {"n": ","}), ""]
 
     pareto = bench if bench is not None else {
         "model": metrics["model"], "data": metrics["data"],
