@@ -88,7 +88,7 @@ log-likelihood of every test observation: an `az.InferenceData` with named dims.
 idata = pqnet.to_inference_data(posterior, test, num_samples=DRAWS, chains=2,
                                 max_weights_per_layer=64, seed=0)
 idata"""),
-    code("""az.summary(idata, var_names=["8.bias"])"""),
+    code("""az.summary(idata, var_names=["fc2.bias"])"""),
     md("""
 One table ranks the BNN, its mean network and the quantized network by their log
 predictive density on the test split (`az.compare`, see
