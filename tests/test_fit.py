@@ -67,7 +67,7 @@ def test_digits_fit_is_accurate_fast_and_recorded(digits, digits_posterior):
     assert config["tempered"] == (config["kl_weight"] != 1)
     assert all(h["kl_weight"] == config["kl_weight"] for h in history)
     mean_net = digits_posterior.mean_module()
-    assert torch.equal(mean_net[0].weight, digits_posterior.loc["0.weight"])
+    assert torch.equal(mean_net[0].weight, digits_posterior.loc["conv1.weight"])
 
 
 def test_the_temperature_is_chosen_on_held_out_training_data(digits, digits_posterior):
@@ -121,9 +121,9 @@ def test_posterior_round_trips_bit_exactly(tmp_path, digits_posterior, digits):
 
 def test_sample_and_predict(digits_posterior, digits):
     draws = digits_posterior.sample(50, seed=1)
-    w = draws["0.weight"]
-    assert w.shape == (50, *digits_posterior.loc["0.weight"].shape)
-    z = (w.mean(0) - digits_posterior.loc["0.weight"]) / digits_posterior.scale["0.weight"]
+    w = draws["conv1.weight"]
+    assert w.shape == (50, *digits_posterior.loc["conv1.weight"].shape)
+    z = (w.mean(0) - digits_posterior.loc["conv1.weight"]) / digits_posterior.scale["conv1.weight"]
     assert z.abs().mean() < 0.3  # the mean of 50 draws is within ~1/7 sd
     probs = pqnet.predict(digits_posterior, digits[1].x[:10], num_samples=8)
     assert probs.shape == (10, 10) and torch.allclose(probs.sum(-1), torch.ones(10))
