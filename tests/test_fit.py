@@ -250,14 +250,18 @@ def test_cli_errors_name_the_argument_and_keep_old_results(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    assert main(["fit", "--model", "resnet999", "--data", "digits", "--out", str(out)]) == 2
-    assert "model: unknown model 'resnet999'" in capsys.readouterr().err
-    assert main(["fit", "--model", "lenet5", "--data", "mnist", "--data-dir",
+    # the cheap checks come first: a typo is named before the data set or the folder
+    assert main(["fit", "--model", "resnet999", "--data", "mnist", "--data-dir",
                  str(tmp_path / "nowhere"), "--out", str(out)]) == 2
-    assert "root: folder" in capsys.readouterr().err
+    assert "error: --model: unknown model 'resnet999'" in capsys.readouterr().err
     assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--epochs", "0",
                  "--out", str(out)]) == 2
-    assert "epochs: expected a positive int" in capsys.readouterr().err
+    assert "error: --epochs: expected a positive int" in capsys.readouterr().err
+    assert main(["fit", "--model", "lenet5", "--data", "mnist", "--data-dir",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")]) == 2
+    assert "error: --data-dir: folder" in capsys.readouterr().err  # the option, not root:
+    assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--out", str(out)]) == 2
+    assert f"error: --out: {out} already holds metrics.json" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == "{}"
 
 

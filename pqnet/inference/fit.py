@@ -115,9 +115,11 @@ class Settings:
         return self.kl_weight == "auto"
 
 
-def _settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight, warm_start,
-              val_fraction, warmup_epochs, lr_schedule, retry_lr_factor,
-              max_retries) -> Settings:
+def check_settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight,
+                   warm_start, val_fraction, warmup_epochs, lr_schedule, retry_lr_factor,
+                   max_retries) -> Settings:
+    """:func:`fit`'s arguments checked (each error names its argument), before any data
+    is touched; the CLI calls it before it loads a data set."""
     epochs = _checks.positive_int("epochs", epochs)
     lr = _checks.positive_float("lr", lr)
     if warm_start == "auto":
@@ -652,9 +654,9 @@ def fit(
     if not isinstance(bnn, BNN):
         raise TypeError(f"bnn: expected a pqnet BNN from pqnet.bayesian(...), "
                         f"got {type(bnn).__name__}")
-    settings = _settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight,
-                         warm_start, val_fraction, warmup_epochs, lr_schedule,
-                         retry_lr_factor, max_retries)
+    settings = check_settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight,
+                              warm_start, val_fraction, warmup_epochs, lr_schedule,
+                              retry_lr_factor, max_retries)
     folder = _checkpoint_folder(checkpoint_dir, resume)
     device = _checks.device(device)
     if device.type == "cuda" and device.index is None:
