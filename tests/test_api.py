@@ -170,3 +170,38 @@ def test_fit_logs_one_line_per_epoch_without_a_terminal(digits, caplog):
         + ("the exact ELBO" if beta == 1 else "a tempered posterior")
         + ") by the NLL on 20 held-out training examples"]
     assert "%" not in caplog.text  # formatted, not raw templates
+
+
+# --------------------------------------------------------------------------- one of each
+
+
+def test_markdown_table_has_one_home():
+    from pqnet.diagnostics import report, table
+
+    rows = [{"method": "a|b", "bits": 3, "acc": 0.91234, "size": 123456.0, "x": float("nan"),
+             "flag": True}, {"method": "c", "bits": 12345, "acc": None, "size": 2.5, "x": 1.0,
+                             "flag": False}]
+    columns = ["method", "bits", "acc", "size", "x", "flag"]
+    text = table.markdown_table(rows, columns, {"size": ".1f"})
+    assert text.splitlines()[1] == "|:---|---:|---:|---:|---:|---:|"
+    assert text.splitlines()[2] == "| a\\|b | 3 | 0.9123 | 123456.0 | – | True |"
+    assert text == report.markdown_table(rows, columns, {"size": ".1f"})
+
+
+def test_pareto_front_is_botorchs():
+    from pqnet.diagnostics.plots import pareto_front
+
+    points = [(1, 0.5), (2, 0.4), (2, 0.9), (3, 0.8), (4, 0.95), (4, 0.95), (5, 0.95)]
+    assert pareto_front(points) == [(1, 0.5), (2, 0.9), (4, 0.95)]
+    assert pareto_front([]) == []
+
+
+def test_one_ece():
+    from pqnet.diagnostics.analysis import reliability
+    from pqnet.diagnostics.metrics import expected_calibration_error
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(500, 10, generator=gen), -1)
+    labels = torch.randint(0, 10, (500,), generator=gen)
+    ece = expected_calibration_error(probs.double(), labels)
+    assert reliability(probs, labels)["ece"] == pytest.approx(ece, abs=1e-12)
