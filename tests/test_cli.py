@@ -3,6 +3,7 @@ are never overwritten without --overwrite, errors that name the option typed, --
 defaults in every --help."""
 
 import json
+import shutil
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_fit_quantize_report(run_dir, capsys):
     assert (report / "idata.nc").stat().st_size > 0 and (report / "pareto.png").is_file()
 
 
-def test_outputs_are_kept_without_overwrite(run_dir, capsys):
+def test_outputs_are_kept_without_overwrite(run_dir, tmp_path, capsys):
     out = run_dir.parent / "uniform"
     quantize = ["quantize", str(run_dir), "--method", "uniform", "--bits", "4", "--out",
                 str(out)]
@@ -55,9 +56,15 @@ def test_outputs_are_kept_without_overwrite(run_dir, capsys):
     assert json.loads((out / "metrics.json").read_text())["budget"] == {"bits": 3}
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
 
-    (run_dir / "report").mkdir(exist_ok=True)
-    assert main(["report", str(run_dir), "--draws", "2"]) == 2
-    assert f"error: RUN_DIR: {run_dir} already holds report" in capsys.readouterr().err
+    other = tmp_path / "reported"  # a copy of the run, whose report/ is already there
+    other.mkdir()
+    for name in ("posterior.pt", "metrics.json"):
+        shutil.copy(run_dir / name, other / name)
+    (other / "report").mkdir()
+    (other / "report" / "report.md").write_text("old")
+    assert main(["report", str(other), "--draws", "2"]) == 2
+    assert f"error: RUN_DIR: {other} already holds report" in capsys.readouterr().err
+    assert (other / "report" / "report.md").read_text() == "old"
 
 
 def test_fit_overwrite_replaces_the_run_and_drops_what_came_from_it(tmp_path, capsys):
