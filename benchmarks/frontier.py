@@ -144,13 +144,14 @@ def one_seed(seed: int, train, test, args, folder: Path) -> dict:
                   seed=seed)
     float_val, _ = scores(float_net, val)
     float_test, float_correct = scores(float_net, test)
-    rows, correct = [], {}
+    rows, correct, info = [], {}, {}
     for family, build in (("pqnet", pqnet_rows), ("deep-compression", deep_rows),
                           ("brevitas-qat", brevitas_rows)):
         out = build(float_net, fit_part, val, test, seed, args, folder)
         rows += out[0]
         correct.update({(family, k): v for k, v in out[1].items()})
-        info = out[2] if family == "pqnet" else info
+        if family == "pqnet":
+            info = out[2]
         print(format_table(out[0], ["family", "setting", "size_bytes", "bits_per_weight",
                                     "val_accuracy", "accuracy", "nll", "ece"]), flush=True)
     for row in rows:

@@ -95,7 +95,7 @@ idata = pqnet.to_inference_data(posterior, train, num_samples=DRAWS,
 loo = psis_loo(idata)
 print(loo.elpd_loo, pareto_k_table(loo))
 idata"""),
-    code("""az.summary(idata, var_names=["8.bias"])"""),
+    code("""az.summary(idata, var_names=["fc2.bias"])"""),
     md("""
 One table ranks the BNN, its mean network and the quantized network by their exact log
 predictive density on the test split (`elpd_test`: held out, not LOO).

@@ -4,7 +4,14 @@ The data flow: ``nn.Module`` --:func:`bayesian`--> ``BNN`` --:func:`fit`--> ``Po
 --> quantized network --> diagnostics.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# the library logs (one line per epoch of fit, ...) to the "pqnet" logger and leaves where
+# it goes to the application: the CLI shows INFO on stderr; logging.basicConfig(level=
+# logging.INFO) does the same in a notebook
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 from . import data, models  # noqa: E402
 from .bnn import BNN, bayesian  # noqa: E402

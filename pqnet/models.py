@@ -15,7 +15,9 @@ digits_cnn small CNN for scikit-learn digits             1x8x8           38,282
 vit_tiny   small ViT (Dosovitskiy et al. 2021)           1x28x28         139,018
 ========== ============================================= =============== ==========
 
-Use :func:`get` to build a model by name, e.g. ``get("lenet5", num_classes=10)``.
+Use :func:`get` to build a model by name, e.g. ``get("lenet5", num_classes=10)``. Every
+layer is named (``conv1``, ``fc1``, ...), so parameter names read ``fc1.weight``, not
+``7.weight``, in posteriors, quantized networks, reports and ArviZ data.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -52,6 +55,11 @@ def _recorded(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
+def _named(*layers: tuple[str, nn.Module]) -> nn.Sequential:
+    """An ``nn.Sequential`` whose layers carry names (``fc1.weight``, not ``1.weight``)."""
+    return nn.Sequential(OrderedDict(layers))
+
+
 @_recorded
 def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     """LeNet-300-100, the fully connected network of LeCun et al. (1998),
@@ -62,13 +70,13 @@ def mlp(num_classes: int = 10, in_features: int = 784) -> nn.Module:
     """
     _checks.positive_int("num_classes", num_classes)
     _checks.positive_int("in_features", in_features)
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_features, 300),
-        nn.ReLU(),
-        nn.Linear(300, 100),
-        nn.ReLU(),
-        nn.Linear(100, num_classes),
+    return _named(
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(in_features, 300)),
+        ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(300, 100)),
+        ("relu2", nn.ReLU()),
+        ("fc3", nn.Linear(100, num_classes)),
     )
 
 
@@ -80,19 +88,19 @@ def lenet5(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """
     _checks.positive_int("num_classes", num_classes)
     _checks.positive_int("in_channels", in_channels)
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, kernel_size=5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, num_classes),
+    return _named(
+        ("conv1", nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)),
+        ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(6, 16, kernel_size=5)),
+        ("relu2", nn.ReLU()),
+        ("pool2", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(16 * 5 * 5, 120)),
+        ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(120, 84)),
+        ("relu4", nn.ReLU()),
+        ("fc3", nn.Linear(84, num_classes)),
     )
 
 
@@ -112,21 +120,23 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """
     _checks.positive_int("num_classes", num_classes)
     _checks.positive_int("in_channels", in_channels)
-    layers: list[nn.Module] = []
-    channels = in_channels
+    layers: list[tuple[str, nn.Module]] = []
+    channels, conv, pool = in_channels, 0, 0
     for item in _VGG16_CFG:
         if item == "M":
-            layers.append(nn.MaxPool2d(2))
+            pool += 1
+            layers.append((f"pool{pool}", nn.MaxPool2d(2)))
         else:
             assert isinstance(item, int)
+            conv += 1
             layers += [
-                nn.Conv2d(channels, item, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(item),
-                nn.ReLU(),
+                (f"conv{conv}", nn.Conv2d(channels, item, kernel_size=3, padding=1, bias=False)),
+                (f"bn{conv}", nn.BatchNorm2d(item)),
+                (f"relu{conv}", nn.ReLU()),
             ]
             channels = item
-    layers += [nn.Flatten(), nn.Linear(512, num_classes)]
-    return nn.Sequential(*layers)
+    layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(512, num_classes))]
+    return _named(*layers)
 
 
 class BasicBlock(nn.Module):
@@ -163,18 +173,20 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """
     _checks.positive_int("num_classes", num_classes)
     _checks.positive_int("in_channels", in_channels)
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
+    layers: list[tuple[str, nn.Module]] = [
+        ("conv1", nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)),
+        ("bn1", nn.BatchNorm2d(16)),
+        ("relu", nn.ReLU()),
     ]
     in_planes = 16
-    for planes, stride in ((16, 1), (32, 2), (64, 2)):
+    for stage, (planes, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
         for block in range(3):
-            layers.append(BasicBlock(in_planes, planes, stride if block == 0 else 1))
+            layers.append((f"stage{stage}_block{block + 1}",
+                           BasicBlock(in_planes, planes, stride if block == 0 else 1)))
             in_planes = planes
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    model = nn.Sequential(*layers)
+    layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+               ("fc", nn.Linear(64, num_classes))]
+    model = _named(*layers)
     for m in model.modules():  # He initialisation, as in the paper
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -190,21 +202,21 @@ def digits_cnn(num_classes: int = 10, batchnorm: bool = False) -> nn.Module:
     _checks.positive_int("num_classes", num_classes)
     _checks.flag("batchnorm", batchnorm)
 
-    def norm(channels: int) -> list[nn.Module]:
-        return [nn.BatchNorm2d(channels)] if batchnorm else []
+    def norm(name: str, channels: int) -> list[tuple[str, nn.Module]]:
+        return [(name, nn.BatchNorm2d(channels))] if batchnorm else []
 
-    return nn.Sequential(
-        nn.Conv2d(1, 16, kernel_size=3, padding=1),
-        *norm(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, kernel_size=3, padding=1),
-        *norm(32),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, num_classes),
+    return _named(
+        ("conv1", nn.Conv2d(1, 16, kernel_size=3, padding=1)),
+        *norm("bn1", 16),
+        ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(16, 32, kernel_size=3, padding=1)),
+        *norm("bn2", 32),
+        ("relu2", nn.ReLU()),
+        ("pool", nn.MaxPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(32 * 4 * 4, 64)),
+        ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(64, num_classes)),
     )
 
 

@@ -355,7 +355,7 @@ def test_report_bad_input(run, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="^run_dir: "):
         write_report(tmp_path / "missing")
     assert main(["report", str(tmp_path / "missing")]) == 2
-    assert "run_dir: " in capsys.readouterr().err
+    assert "RUN_DIR: " in capsys.readouterr().err  # the CLI names what the user typed
     with pytest.raises(FileNotFoundError, match="^run_dir: .*posterior.pt"):
         write_report(tmp_path)
     bad = tmp_path / "bad"

@@ -67,7 +67,7 @@ def test_digits_fit_is_accurate_fast_and_recorded(digits, digits_posterior):
     assert config["tempered"] == (config["kl_weight"] != 1)
     assert all(h["kl_weight"] == config["kl_weight"] for h in history)
     mean_net = digits_posterior.mean_module()
-    assert torch.equal(mean_net[0].weight, digits_posterior.loc["0.weight"])
+    assert torch.equal(mean_net[0].weight, digits_posterior.loc["conv1.weight"])
 
 
 def test_the_temperature_is_chosen_on_held_out_training_data(digits, digits_posterior):
@@ -121,9 +121,9 @@ def test_posterior_round_trips_bit_exactly(tmp_path, digits_posterior, digits):
 
 def test_sample_and_predict(digits_posterior, digits):
     draws = digits_posterior.sample(50, seed=1)
-    w = draws["0.weight"]
-    assert w.shape == (50, *digits_posterior.loc["0.weight"].shape)
-    z = (w.mean(0) - digits_posterior.loc["0.weight"]) / digits_posterior.scale["0.weight"]
+    w = draws["conv1.weight"]
+    assert w.shape == (50, *digits_posterior.loc["conv1.weight"].shape)
+    z = (w.mean(0) - digits_posterior.loc["conv1.weight"]) / digits_posterior.scale["conv1.weight"]
     assert z.abs().mean() < 0.3  # the mean of 50 draws is within ~1/7 sd
     probs = pqnet.predict(digits_posterior, digits[1].x[:10], num_samples=8)
     assert probs.shape == (10, 10) and torch.allclose(probs.sum(-1), torch.ones(10))
@@ -250,14 +250,18 @@ def test_cli_errors_name_the_argument_and_keep_old_results(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    assert main(["fit", "--model", "resnet999", "--data", "digits", "--out", str(out)]) == 2
-    assert "model: unknown model 'resnet999'" in capsys.readouterr().err
-    assert main(["fit", "--model", "lenet5", "--data", "mnist", "--data-dir",
+    # the cheap checks come first: a typo is named before the data set or the folder
+    assert main(["fit", "--model", "resnet999", "--data", "mnist", "--data-dir",
                  str(tmp_path / "nowhere"), "--out", str(out)]) == 2
-    assert "root: folder" in capsys.readouterr().err
+    assert "error: --model: unknown model 'resnet999'" in capsys.readouterr().err
     assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--epochs", "0",
                  "--out", str(out)]) == 2
-    assert "epochs: expected a positive int" in capsys.readouterr().err
+    assert "error: --epochs: expected a positive int" in capsys.readouterr().err
+    assert main(["fit", "--model", "lenet5", "--data", "mnist", "--data-dir",
+                 str(tmp_path / "nowhere"), "--out", str(tmp_path / "new")]) == 2
+    assert "error: --data-dir: folder" in capsys.readouterr().err  # the option, not root:
+    assert main(["fit", "--model", "digits_cnn", "--data", "digits", "--out", str(out)]) == 2
+    assert f"error: --out: {out} already holds metrics.json" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == "{}"
 
 

@@ -503,11 +503,11 @@ def test_bad_input_leaves_the_checkpoint_as_it_was(files):
 
 
 @pytest.mark.parametrize(("argv", "match"), [
-    (["--resume"], "resume: needs checkpoint_dir"),
-    (["--retry-lr-factor", "2"], r"retry_lr_factor: expected a number in \(0, 1\)"),
-    (["--max-retries", "-2"], "max_retries: expected a non-negative int"),
-    (["--checkpoint-dir", "{a-file}"], "checkpoint_dir: .* is a file"),
-    (["--device", "quantum"], "device: 'quantum' is not a torch device"),
+    (["--resume"], "--resume: needs checkpoint_dir"),
+    (["--retry-lr-factor", "2"], r"--retry-lr-factor: expected a number in \(0, 1\)"),
+    (["--max-retries", "-2"], "--max-retries: expected a non-negative int"),
+    (["--checkpoint-dir", "{a-file}"], "--checkpoint-dir: .* is a file"),
+    (["--device", "quantum"], "--device: 'quantum' is not a torch device"),
 ])
 def test_cli_names_the_bad_option(files, capsys, argv, match):
     argv = [a.format(**{"a-file": files["a-file"]}) for a in argv]

@@ -163,7 +163,8 @@ def test_same_seed_same_trace_and_resume_continues(run, digits, tmp_path):
     resumed = search(posterior, train, val, trace_path=cut, resume=True, **SMALL)
     assert resumed.evaluations[:kept] == state["evaluations"]  # read, not re-run
     assert _without_seconds(resumed.trace) == _without_seconds(result.trace)
-    assert torch.equal(resumed.qnet.weights()["0.weight"], result.qnet.weights()["0.weight"])
+    assert torch.equal(resumed.qnet.weights()["conv1.weight"],
+                       result.qnet.weights()["conv1.weight"])
 
 
 def test_random_search_and_effective_objective(digits, tmp_path):
@@ -263,10 +264,13 @@ def test_cli_search(digits, tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "gp" in printed and "random" in printed
+    found = SearchResult.load(out / "trace.json").best_bits  # widths by layer name
+    assert ("bits per layer: " + ", ".join(f"{k} {v}" for k, v in found.items())) in printed
+    assert "bits per layer: conv1 " in printed
     for name in ("trace.json", "random_trace.json", "search.png", "gp_qnet.pqn",
                  "random_qnet.pqn"):
         assert (out / name).is_file(), name
     trace = SearchResult.load(out / "trace.json")
     assert trace.cost <= 2.5 and pqnet.QuantizedNet.load(out / "gp_qnet.pqn").avg_bits <= 2.0
     assert main([*argv[:8], "0,2,1", *argv[9:]]) == 2
-    assert capsys.readouterr().err.startswith("pqnet search: error: fidelities: ")
+    assert capsys.readouterr().err.startswith("pqnet search: error: --fidelities: ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import pyro
@@ -35,6 +36,23 @@ class LayerInfo:
     @classmethod
     def from_dict(cls, d: dict) -> LayerInfo:
         return cls(**{**d, "weight_shape": tuple(d["weight_shape"])})
+
+    @property
+    def num_random(self) -> int:
+        """Random entries: the weight's, and the bias's (one per output) when it is random."""
+        return math.prod(self.weight_shape) + (self.weight_shape[0] if self.bias else 0)
+
+
+def layer_lines(layers: dict[str, LayerInfo], extra: dict[str, str] | None = None) -> list[str]:
+    """One aligned line per layer (name, kind, weight shape, random entries, ``extra``): the
+    body of the short reprs of :class:`BNN` and :class:`~pqnet.inference.Posterior`."""
+    extra = extra or {}
+    rows = [(path or "(root)", info.kind, "x".join(map(str, info.weight_shape)),
+             f"{info.num_random:,} random" + (" (bias too)" if info.bias else ""),
+             extra.get(path, "")) for path, info in layers.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in rows]
 
 
 def _prior_for(param: str):
@@ -81,6 +99,14 @@ class BNN(PyroModule):
         # the guide always records its Normals; the model uses them only when local_reparam
         self._lrt = LocalReparameterization()
         guide.handler = self._lrt
+
+    def __repr__(self) -> str:
+        # nn.Module's repr prints every submodule and the guide's parameters: pages of it
+        total = sum(info.num_random for info in self.layers.values())
+        head = (f"BNN({len(self.layers)} random layers, {total:,} random weights, "
+                f"likelihood={self.likelihood.describe()['kind']!r}, prior={self.prior!r}, "
+                f"kl_weight={self.kl_weight:g}, local_reparam={self.local_reparam})")
+        return "\n".join([head, *layer_lines(self.layers)])
 
     @property
     def sites(self) -> list[str]:

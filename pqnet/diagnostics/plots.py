@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.stats import norm
@@ -34,12 +35,16 @@ REFERENCES = (("float", "BNN posterior predictive", "black"),
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points ``(bits, accuracy)`` that no other point beats: none has fewer or equal
-    bits and a higher accuracy. Sorted by bits."""
-    front: list[tuple[float, float]] = []
-    for bits, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or acc > front[-1][1]:
-            front.append((bits, acc))
-    return front
+    bits and a higher or equal accuracy (duplicates kept once). Sorted by bits. BoTorch's
+    :func:`~botorch.utils.multi_objective.pareto.is_non_dominated`, which maximises, on
+    ``(-bits, accuracy)``."""
+    from botorch.utils.multi_objective.pareto import is_non_dominated  # BoTorch loads slowly
+
+    if not points:
+        return []
+    y = torch.tensor([(-bits, acc) for bits, acc in points], dtype=torch.float64)
+    keep = is_non_dominated(y, deduplicate=True)
+    return sorted({points[i] for i in torch.nonzero(keep).flatten().tolist()})
 
 
 def pareto_plot(results: dict, zoom_pp: float = 5.0) -> Figure:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
+from .._modules import preserved_modes
+
 
 def _batch_indices(n: int, batch_size: int, shuffle: bool,
                    generator: torch.Generator | None) -> Iterator[torch.Tensor]:
@@ -91,16 +93,13 @@ def check_dataset(module: nn.Module, dataset: Dataset, argument: str,
     else:
         x, y = next(iter(DataLoader(dataset, batch_size=min(n, 256))))
     check_batch(kind, x, y, argument)
-    template, was_training = module, module.training
-    template.eval()  # a shape check must not touch BatchNorm statistics
-    with torch.no_grad():
+    # eval: a shape check must not touch BatchNorm statistics; the caller's modes come back
+    with torch.no_grad(), preserved_modes(module):
         try:
-            out = template(x[:2].cpu())
+            out = module.eval()(x[:2].cpu())
         except RuntimeError as err:
             raise ValueError(f"{argument}: inputs of shape {tuple(x.shape[1:])} do not fit "
                              f"the model: {err}") from err
-        finally:
-            template.train(was_training)
     if kind == "categorical":
         classes = out.shape[-1]
         if int(y.min()) < 0 or int(y.max()) >= classes:

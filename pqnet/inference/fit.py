@@ -29,6 +29,7 @@ inf, or retries that epoch at a lower learning rate (``retry_lr_factor``); and u
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -46,6 +47,7 @@ from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .. import _checks
+from .._modules import preserved_modes
 from ..bnn.convert import BNN
 from ..bnn.layers import drawn
 from .batching import (
@@ -62,6 +64,10 @@ from .distributed import _step_health, _world
 from .elbo import MeanFieldELBO, MeansLikelihood, means
 from .posterior import Posterior
 from .temperature import choose_kl_weight, fisher_diagonal, set_scales, tempered_scales
+
+log = logging.getLogger(__name__)
+"""One INFO line per epoch (what the progress bar shows, kept where a log goes) and one per
+choice of the recipe; process 0 alone logs."""
 
 CHECKPOINT = "fit.pt"
 """``checkpoint_dir/fit.pt``: everything a resumed fit needs, as of its last complete epoch."""
@@ -109,9 +115,11 @@ class Settings:
         return self.kl_weight == "auto"
 
 
-def _settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight, warm_start,
-              val_fraction, warmup_epochs, lr_schedule, retry_lr_factor,
-              max_retries) -> Settings:
+def check_settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight,
+                   warm_start, val_fraction, warmup_epochs, lr_schedule, retry_lr_factor,
+                   max_retries) -> Settings:
+    """:func:`fit`'s arguments checked (each error names its argument), before any data
+    is touched; the CLI calls it before it loads a data set."""
     epochs = _checks.positive_int("epochs", epochs)
     lr = _checks.positive_float("lr", lr)
     if warm_start == "auto":
@@ -228,7 +236,11 @@ def _warm_start(bnn: BNN, data: Dataset, settings: Settings, device: torch.devic
     start = time.perf_counter()
     try:
         for epoch in range(1, settings.warm_start + 1):
+            began = time.perf_counter()
             record["nll"].append(stage.epoch(epoch) / len(data))
+            if stage.rank == 0:
+                log.info("epoch %d/%d warm start: nll %.4f, %.1f s", epoch, settings.epochs,
+                         record["nll"][-1], time.perf_counter() - began)
     except DivergenceError as err:
         raise DivergenceError(f"{err} in the warm start; try a lower lr", err.epoch,
                               err.step) from None
@@ -295,9 +307,18 @@ def _prepare(bnn: BNN, data: Dataset, settings: Settings, device: torch.device,
             prep["temperature"] = choose_kl_weight(bnn, fisher, len(fit_part), val_part,
                                                    settings.seed, device)
             prep["kl_weight"] = _broadcast(prep["temperature"]["kl_weight"])
+            _log_temperature(prep["kl_weight"], len(val_part))
         set_scales(bnn, tempered_scales(bnn, fisher, prep["kl_weight"], len(data)))
         prep["initial_scales"] = "tempered empirical-Fisher diagonal at the warm start"
     return prep
+
+
+def _log_temperature(beta: float, val_size: int) -> None:
+    """kl_weight="auto" asked for this choice, so it is news, not a warning."""
+    if _world()[0] == 0:
+        kind = "the exact ELBO" if beta == 1 else "a tempered posterior"
+        log.info("kl_weight auto: chose %g (%s) by the NLL on %d held-out training examples",
+                 beta, kind, val_size)
 
 
 def _fisher(bnn: BNN, data: Dataset, settings: Settings,
@@ -366,6 +387,8 @@ def _variational(bnn: BNN, data: Dataset, settings: Settings, prep: dict,
             continue
         _record(run, bnn, mean_loss, beta, len(data), settings.warm_start + epoch,
                 time.perf_counter() - start)
+        if stage.rank == 0:
+            _log_epoch(run["history"][-1], settings.epochs)
         if snapshot is not None:
             snapshot = _training_state(stage, run, copied=True)
         if folder is not None:
@@ -388,6 +411,12 @@ def _record(run: dict, bnn: BNN, mean_loss: float, beta: float, n: int, epoch: i
                                kl_weight=beta, seconds=seconds))
     run["kl"] = kl
     run["epoch"] += 1
+
+
+def _log_epoch(entry: dict, epochs: int) -> None:
+    log.info("epoch %d/%d SVI: elbo %.6g, nll %.4f, kl %.6g (weight %.3g), %.1f s",
+             entry["epoch"], epochs, entry["elbo"], entry["nll"], entry["kl"],
+             entry["kl_weight"], entry["seconds"])
 
 
 def _steps_done(settings: Settings, n: int, vi_epochs_done: int) -> int:
@@ -625,9 +654,9 @@ def fit(
     if not isinstance(bnn, BNN):
         raise TypeError(f"bnn: expected a pqnet BNN from pqnet.bayesian(...), "
                         f"got {type(bnn).__name__}")
-    settings = _settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight,
-                         warm_start, val_fraction, warmup_epochs, lr_schedule,
-                         retry_lr_factor, max_retries)
+    settings = check_settings(epochs, batch_size, lr, scale_lr, seed, num_particles, kl_weight,
+                              warm_start, val_fraction, warmup_epochs, lr_schedule,
+                              retry_lr_factor, max_retries)
     folder = _checkpoint_folder(checkpoint_dir, resume)
     device = _checks.device(device)
     if device.type == "cuda" and device.index is None:
@@ -636,27 +665,28 @@ def fit(
     if settings.batch_size < world_size:
         raise ValueError(f"batch_size: {settings.batch_size} is smaller than the {world_size} "
                          "processes; each process needs at least one example a step")
-    bnn.to(device)
-    n = check_dataset(bnn.template, train_dataset, "train_dataset", bnn.likelihood.kind)
-    pyro.set_rng_seed(settings.seed + rank)
-    config = {**asdict(settings), "device": str(device), "dataset_size": n,
-              "local_reparam": bnn.local_reparam, "prior": repr(bnn.prior),
-              "world_size": world_size}
-    saved = _saved_state(folder, resume, config)
-    # disable=None: no bar when stderr is not a terminal (logs, CI), as tqdm documents
-    bar = tqdm(total=_steps_done(settings, n, settings.vi_epochs), unit="step",
-               disable=None if progress and rank == 0 else True)
-    # Pyro's validation is off: the fit's own checks cover its inputs
-    with bar, pyro.validation_enabled(False):
-        prep = saved["prep"] if saved is not None else _prepare(bnn, train_dataset, settings,
-                                                                device, bar)
-        run = _variational(bnn, train_dataset, settings, prep, device, folder, saved, config,
-                           bar)
-    bnn.kl_weight = prep["kl_weight"]
-    if prep["batchnorm"] == "re-estimated":
-        _reestimate_batchnorm(bnn, train_dataset, settings.batch_size, device)
-    bnn.eval()
-    return Posterior.from_bnn(bnn, run["history"], _final(config, run))
+    with preserved_modes(bnn):  # training sets modes; the caller's are restored
+        bnn.to(device)
+        n = check_dataset(bnn.template, train_dataset, "train_dataset", bnn.likelihood.kind)
+        pyro.set_rng_seed(settings.seed + rank)
+        config = {**asdict(settings), "device": str(device), "dataset_size": n,
+                  "local_reparam": bnn.local_reparam, "prior": repr(bnn.prior),
+                  "world_size": world_size}
+        saved = _saved_state(folder, resume, config)
+        # disable=None: no bar when stderr is not a terminal (logs, CI), as tqdm documents
+        bar = tqdm(total=_steps_done(settings, n, settings.vi_epochs), unit="step",
+                   disable=None if progress and rank == 0 else True)
+        # Pyro's validation is off: the fit's own checks cover its inputs
+        with bar, pyro.validation_enabled(False):
+            prep = saved["prep"] if saved is not None else _prepare(bnn, train_dataset, settings,
+                                                                    device, bar)
+            run = _variational(bnn, train_dataset, settings, prep, device, folder, saved, config,
+                               bar)
+        bnn.kl_weight = prep["kl_weight"]
+        if prep["batchnorm"] == "re-estimated":
+            _reestimate_batchnorm(bnn, train_dataset, settings.batch_size, device)
+        bnn.eval()
+        return Posterior.from_bnn(bnn, run["history"], _final(config, run))
 
 
 def _reestimate_batchnorm(bnn: BNN, data: Dataset, batch_size: int,

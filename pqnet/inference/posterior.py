@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._io import load_torch, save_torch
-from ..bnn.convert import BNN, LayerInfo
+from ..bnn.convert import BNN, LayerInfo, layer_lines
 
 FORMAT = "pqnet.posterior"
 VERSION = 1
@@ -44,6 +44,20 @@ class Posterior:
                                  f"loc has {tuple(self.loc[name].shape)}")
             if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
                 raise ValueError(f"scale: {name} must be positive and finite everywhere")
+
+    def __repr__(self) -> str:
+        # the dataclass repr would print every tensor (tens of thousands of characters)
+        config = self.config
+        fitted = (f", epochs={config['epochs']}, kl_weight={config['kl_weight']:g}"
+                  if "epochs" in config and "kl_weight" in config else "")
+        head = (f"Posterior({len(self.layers)} random layers, {self.num_weights:,} random "
+                f"weights, likelihood={self.likelihood.get('kind')!r}{fitted})")
+        sigma = {}
+        for path in self.layers:
+            scale = self.scale.get(f"{path}.weight" if path else "weight")
+            if scale is not None:
+                sigma[path] = f"mean sigma {float(scale.double().mean()):.3g}"
+        return "\n".join([head, *layer_lines(self.layers, sigma)])
 
     @classmethod
     def from_bnn(cls, bnn: BNN, history: list[dict] | None = None,
