@@ -326,7 +326,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     posterior = tiny_fit(epochs=1)
     good = posterior.save(folder / "posterior.pt")
     paths = {"ckpt": folder / "ckpt", "posterior": good,
-             "quantized": pqnet.quantize(posterior, "uniform", bits=4).save(folder / "q.pt")}
+             "quantized": pqnet.quantize(posterior, "uniform", bits=4).save(folder / "q.pqn")}
     for name, data in [("truncated", good.read_bytes()[: len(good.read_bytes()) // 2]),
                        ("garbage", bytes(range(256)) * 8), ("empty", b"")]:
         paths[name] = folder / f"{name}.pt"
@@ -466,11 +466,12 @@ BAD_INPUT = [
     ("posterior version", lambda f: pqnet.Posterior.load(f["version2"]), ValueError,
      r"^path: .*version2\.pt has posterior format version 2; this pqnet reads version 1"),
     ("quantized net from a posterior", lambda f: pqnet.QuantizedNet.load(f["posterior"]),
-     ValueError, r"^path: .*posterior\.pt is not a pqnet quantized network file"),
+     ValueError, r"^path: .*posterior\.pt is not a readable pqnet quantized network: not a pqnet "
+     "quantized-network file"),
     ("truncated quantized net", lambda f: pqnet.QuantizedNet.load(f["truncated"]), ValueError,
      r"^path: .*truncated\.pt is not a readable pqnet quantized network"),
     ("posterior from a quantized net", lambda f: pqnet.Posterior.load(f["quantized"]),
-     ValueError, r"^path: .*q\.pt is not a pqnet posterior file"),
+     ValueError, r"^path: .*q\.pqn is not a readable pqnet posterior"),
     ("missing posterior", lambda f: pqnet.Posterior.load(f["ckpt"] / "nope.pt"),
      FileNotFoundError, r"^path: no posterior file at"),
     ("truncated IDX", lambda f: pqnet.data.read_idx(f["idx"]), ValueError,

@@ -319,8 +319,10 @@ class QuantizedNet:
             layers = {p: _layer(*record) for p, record in file.layers.items()}
             return cls(layers, file.module, file.method, file.config)
         except ValueError as err:
-            argument = "module" if str(err).startswith("module:") else "path"
-            raise ValueError(f"{argument}: {path} cannot be read as a pqnet quantized network: "
+            if str(err).startswith("module:"):
+                raise ValueError(f"module: does not fit the network stored in {path}: "
+                                 f"{str(err).removeprefix('module: ')}") from err
+            raise ValueError(f"path: {path} is not a readable pqnet quantized network: "
                              f"{err}") from err
 
 
