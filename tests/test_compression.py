@@ -220,3 +220,18 @@ def test_mcnemar_by_hand():
     assert mcnemar(a, a)["p_value"] == 1.0
     with pytest.raises(ValueError, match="correct_b"):
         mcnemar(a, b[:5])
+
+
+def test_fine_tuning_re_rounds_sigma_code_by_its_own_rule():
+    """Fine-tuned means are re-rounded to the shortest code within k sds, not to the nearest
+    level, so the entropy the budget bought survives the fine-tuning."""
+    posterior, data = _tiny_task()
+    posterior.scale.update({k: torch.full_like(v, 0.05) for k, v in posterior.scale.items()})
+    before = pqnet.quantize(posterior, "sigma-code", code_bits=1.0)
+    after = pqnet.quantize(posterior, "sigma-code", code_bits=1.0, data=data,
+                           finetune_epochs=2, finetune_lr=1e-2)
+    assert after.config["finetune"]["epochs"] == 2
+    assert after.code_entropy_bits <= before.code_entropy_bits + 0.25
+    for path, layer in after.layers.items():
+        assert torch.equal(layer.codebooks[layer.widths[-1]], before.layers[path].codebooks[
+            before.layers[path].widths[-1]])

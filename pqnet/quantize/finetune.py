@@ -14,12 +14,21 @@ from .. import _checks
 from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
+from .sigma_code import recode
 
 
 def _rounded(layer: QuantizedLayer, w: torch.Tensor) -> torch.Tensor:
     """``w`` rounded to ``layer``'s codebooks, with the straight-through gradient of
     Bengio et al. 2013 (``d round(w) / dw := 1``)."""
     return w + (layer.decode(layer.encode(w)) - w).detach()
+
+
+def _recoded(qnet: QuantizedNet, layer, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """New codes for trained means by the method's own rule: nearest level, or for
+    ``sigma-code`` the shortest code within its ``k`` sds."""
+    if qnet.method == "sigma-code":
+        return recode(layer, mu, sigma, qnet.config["k"])
+    return layer.encode(mu)
 
 
 def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs: int,
@@ -32,8 +41,9 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
     minibatch cross-entropy with the straight-through estimator ``dL/dmu = dL/dQ(w)``
     (Bengio, Leonard & Courville 2013), as quantization-aware training does (Jacob et al.
     2018). Biases and other float parameters train as point estimates; BatchNorm statistics
-    stay frozen (eval mode). The result re-rounds the new means: the same method, widths and
-    codebooks, new codes, with ``config["finetune"]`` recording the run.
+    stay frozen (eval mode). The result re-rounds the new means (by the method's rule: the
+    nearest level, or sigma-code's shortest code within ``k`` sds): the same method, widths
+    and codebooks, new codes, with ``config["finetune"]`` recording the run.
     """
     epochs = _checks.int_in("finetune_epochs", epochs, 1, 10_000)
     lr = _checks.nonnegative_float("finetune_lr", lr)
@@ -62,7 +72,8 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    layers = {path: dataclasses.replace(layer, codes=layer.encode(means[path]))
+    layers = {path: dataclasses.replace(layer, codes=_recoded(qnet, layer, means[path],
+                                                              scales[path]))
               for path, layer in qnet.layers.items()}
     config = {**qnet.config, "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                                           "seed": seed}}

@@ -89,6 +89,15 @@ def code_layer(mu: torch.Tensor, sigma: torch.Tensor, k: float) -> QuantizedLaye
                           {width: torch.from_numpy(grid[used]).reshape(1, -1)})
 
 
+def recode(layer: QuantizedLayer, mu: torch.Tensor, sigma: torch.Tensor, k: float
+           ) -> torch.Tensor:
+    """uint8 codes of new means ``mu`` in ``layer``'s codebook by the same rule (the shortest
+    code within ``k`` sds): how fine-tuning re-rounds a sigma-code layer."""
+    levels = layer.codebooks[layer.widths[-1]][0].numpy()  # one sorted codebook per layer
+    index, _ = assign(mu.detach().reshape(-1).numpy(), sigma.reshape(-1).numpy(), levels, k)
+    return torch.from_numpy(index.astype(np.uint8)).reshape(mu.shape)
+
+
 def sigma_code(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
                k: float | None = None, code_bits: float | None = None) -> QuantizedNet:
     """Give each weight the shortest code among the values within ``k`` posterior sds.
