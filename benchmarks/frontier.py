@@ -48,7 +48,7 @@ from pqnet.inference.batching import split_validation
 from pqnet.quantize import QuantizedNet
 from pqnet.quantize.codec import raw_bytes
 
-PQNET = [("sigma-code", {"code_bits": b}) for b in (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)] \
+PQNET = [("sigma-code", {"code_bits": b}) for b in (0.3, 0.5, 0.75, 1.0, 1.5)] \
     + [("uniform", {"bits": b, "prune": p}) for b in (2, 3) for p in (0, 0.95)] \
     + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0, 3.0)] \
     + [("sigma-bits", {"avg_bits": 2.0})]

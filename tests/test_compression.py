@@ -129,13 +129,15 @@ def test_a_code_bits_budget_is_met_from_below():
         qnet = pqnet.quantize(posterior, "sigma-code", code_bits=budget)
         assert qnet.code_entropy_bits <= budget
         assert qnet.code_entropy_bits > budget - 0.5  # the bisection does not give away bits
-        assert qnet.config["code_bits"] == budget and qnet.config["k"] > 0
+        assert qnet.config["code_bits"] == budget and qnet.config["lam"] > 0
 
 
 @pytest.mark.parametrize("budget, message", [({"k": 0}, "k: expected a positive"),
                                              ({"k": -1.0}, "k: expected a positive"),
                                              ({"code_bits": 0}, "code_bits: expected a positive"),
-                                             ({"k": 1, "code_bits": 2}, "give exactly one")])
+                                             ({"lam": -1.0}, "lam: expected a finite non-neg"),
+                                             ({"lam": 1, "code_bits": 2}, "give exactly one"),
+                                             ({"lam": 0.0}, "k: .* needs a finite k")])
 def test_sigma_code_refuses_bad_budgets(budget, message):
     with pytest.raises(ValueError, match=message):
         pqnet.quantize(linear_posterior(), "sigma-code", **budget)
@@ -235,3 +237,27 @@ def test_fine_tuning_re_rounds_sigma_code_by_its_own_rule():
     for path, layer in after.layers.items():
         assert torch.equal(layer.codebooks[layer.widths[-1]], before.layers[path].codebooks[
             before.layers[path].widths[-1]])
+
+
+def test_the_priced_rule_lowers_its_objective_and_moves_uncertain_weights_first():
+    """With lam > 0 each step lowers entropy + lam * mean z^2; the weights that move to the
+    popular value are the uncertain ones, and a sure weight keeps its precise value."""
+    posterior = linear_posterior(seed=4)
+    mu = posterior.loc["weight"].reshape(-1).numpy()
+    sigma = posterior.scale["weight"].reshape(-1).numpy()
+    grid = fine_grid(posterior.loc["weight"])
+    index, history = assign(mu, sigma, grid, lam=2.0)
+    assert len(history) > 2 and all(b <= a + 1e-9 for a, b in zip(history, history[1:],
+                                                                    strict=False))
+    moved = index != np.searchsorted((grid[1:] + grid[:-1]) / 2, mu)  # off its nearest level
+    sure, unsure = sigma < np.quantile(sigma, 0.2), sigma > np.quantile(sigma, 0.8)
+    assert moved[sure].mean() < 0.1 < 0.9 < moved[unsure].mean()
+    # with an interval too: every weight within it, or at its nearest level
+    index, _ = assign(mu, sigma, grid, k=1.0, lam=2.0)
+    nearest = np.searchsorted((grid[1:] + grid[:-1]) / 2, mu)
+    inside = np.abs(grid[index] - mu) <= sigma + 1e-7
+    assert np.all(inside | (index == nearest)) and inside.mean() > 0.5
+    # and a code-bits budget is met through lam, with any level allowed
+    qnet = pqnet.quantize(posterior, "sigma-code", code_bits=1.0)
+    assert qnet.code_entropy_bits <= 1.0 and qnet.config["k"] is None
+    assert qnet.config["lam"] > 0

@@ -36,7 +36,7 @@ def layer_posteriors(posterior: Posterior) -> list[tuple[str, torch.Tensor, torc
 
 
 def meet_budget(avg_bits_at: Callable[[float], float], budget: float, fewest: float,
-                most: float, steps: int = 200) -> float:
+                most: float, steps: int = 200, argument: str = "avg_bits") -> float:
     """Bisect a scalar parameter so its allocation's average bits meet ``budget`` from below.
 
     ``avg_bits_at`` must be monotone between ``fewest`` (a parameter whose allocation meets
@@ -47,8 +47,8 @@ def meet_budget(avg_bits_at: Callable[[float], float], budget: float, fewest: fl
     if avg_bits_at(most) <= budget:
         return most
     if avg_bits_at(fewest) > budget:
-        raise ValueError(f"avg_bits: no allocation reaches {budget}; the fewest average bits "
-                         f"are {avg_bits_at(fewest):.4f}")
+        raise ValueError(f"{argument}: no allocation reaches {budget}; the fewest bits are "
+                         f"{avg_bits_at(fewest):.4f}")
     for _ in range(steps):
         mid = 0.5 * (fewest + most)
         if mid in (fewest, most):

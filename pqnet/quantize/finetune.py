@@ -27,7 +27,7 @@ def _recoded(qnet: QuantizedNet, layer, mu: torch.Tensor, sigma: torch.Tensor) -
     """New codes for trained means by the method's own rule: nearest level, or for
     ``sigma-code`` the shortest code within its ``k`` sds."""
     if qnet.method == "sigma-code":
-        return recode(layer, mu, sigma, qnet.config["k"])
+        return recode(layer, mu, sigma, qnet.config)
     return layer.encode(mu)
 
 
