@@ -50,6 +50,7 @@ from pqnet.quantize.codec import raw_bytes
 
 PQNET = [("sigma-code", {"code_bits": b}) for b in (0.3, 0.5, 0.75, 1.0, 1.5)] \
     + [("uniform", {"bits": b, "prune": p}) for b in (2, 3) for p in (0, 0.95)] \
+    + [("kmeans", {"k": k, "prune": p}) for k in (3, 4) for p in (0, 0.95)] \
     + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0, 3.0)] \
     + [("sigma-bits", {"avg_bits": 2.0})]
 DEEP = [{"sparsity": s, "k": k} for s in (0.8, 0.9, 0.95) for k in (4, 16)]
