@@ -29,10 +29,12 @@ test: .venv/.bench
 
 bench: .venv/.bench
 	$(PY) benchmarks/train_speed.py --data-dir $(MNIST) --profile
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/frontier.py --data-dir $(MNIST) --seeds 0 1 2
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/coders.py --data-dir $(MNIST)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pqnet bench --model lenet5 --data mnist --data-dir $(MNIST) \
-		--bnn-init deterministic --bnn-epochs 10 --lr-schedule cosine --kl-weight 0.1 \
-		--finetune-epochs 2 --json benchmarks/quantize_lenet5.json \
-		--plot benchmarks/quantize_lenet5.png --no-progress
+		--bnn-init deterministic --bnn-epochs 10 --finetune-epochs 2 \
+		--json benchmarks/quantize_lenet5.json --plot benchmarks/quantize_lenet5.png \
+		--no-progress
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/pwfn_scale.py --json benchmarks/pwfn_scale.json
 
 # Mutation testing of the core (not part of `make test`; see TESTING.md). One mutmut run per
