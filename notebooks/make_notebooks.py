@@ -1,5 +1,6 @@
 """Write the notebooks of this folder from the cells below (the notebooks are generated:
-edit here, then run ``python notebooks/make_notebooks.py``).
+edit here, then run ``python notebooks/make_notebooks.py --execute``, which also runs them
+and saves their outputs; without ``--execute`` they are written empty).
 
 Every notebook reads ``PQNET_SMALL=1`` from the environment to shrink epochs, data and draws
 so that the test suite (``tests/test_notebooks.py``) runs all of them in about a minute;
@@ -16,10 +17,7 @@ HERE = Path(__file__).resolve().parent
 SETUP = """\
 %matplotlib inline
 import os
-import warnings
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # ArviZ 0.23's notice of 1.0
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 SMALL = os.environ.get("PQNET_SMALL") == "1"  # the test suite's quick settings"""
 
 
@@ -45,7 +43,7 @@ import arviz as az
 import torch
 
 import pqnet
-from pqnet.diagnostics.table import format_table
+from pqnet.diagnostics import format_table
 
 EPOCHS = 2 if SMALL else 30
 DRAWS = 20 if SMALL else 200"""),
@@ -134,15 +132,17 @@ from torch.utils.data import TensorDataset
 
 import pqnet
 from pqnet.diagnostics import analysis, plots
-from pqnet.diagnostics.table import format_table
+from pqnet.diagnostics import format_table
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 MNIST = Path(os.environ.get("PQNET_MNIST", ROOT / "../shared/data/mnist"))
 train, test = pqnet.data.load("mnist", root=MNIST)
 print(train.note)
-if SMALL:
-    train = TensorDataset(train.x[:1024], train.y[:1024])
-    test = TensorDataset(test.x[:500], test.y[:500])
+if SMALL:  # random subsets: the files are sorted by class
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:1024]
+    train = TensorDataset(train.x[keep], train.y[keep])
+    keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:500]
+    test = TensorDataset(test.x[keep], test.y[keep])
 EPOCHS, SAMPLES = (1, 8) if SMALL else (20, 32)"""),
     code("""
 with torch.random.fork_rng():
@@ -209,7 +209,7 @@ import torch
 
 import pqnet
 from pqnet.diagnostics import compare_networks, plots
-from pqnet.diagnostics.table import format_table
+from pqnet.diagnostics import format_table
 
 EPOCHS = 2 if SMALL else 30
 BUDGETS = (2.0, 4.0) if SMALL else (1.5, 2.0, 3.0, 4.0)
@@ -229,13 +229,14 @@ for method in METHODS:
     for budget in BUDGETS:
         qnet = qnets[f"{method} @ {budget:g}"] = pqnet.quantize(posterior, method,
                                                                  avg_bits=budget)
-        scores = pqnet.evaluate(qnet.to_module(), test)
+        scores = pqnet.evaluate(qnet, test)
         results["rows"].append({"method": method, "budget": budget, "avg_bits": qnet.avg_bits,
+                                "size_bytes": qnet.size_bytes,
+                                "bits_per_weight": qnet.bits_per_weight,
                                 "accuracy": scores["accuracy"], "nll": scores["nll"],
-                                "ece": scores["ece"], "unique_values": qnet.unique_values,
-                                "size_bytes": qnet.size_bytes})
-print(format_table(results["rows"], ["method", "budget", "avg_bits", "accuracy", "nll", "ece",
-                                     "unique_values", "size_bytes"]))"""),
+                                "ece": scores["ece"]})
+print(format_table(results["rows"], ["method", "budget", "size_bytes", "bits_per_weight",
+                                     "avg_bits", "accuracy", "nll", "ece"]))"""),
     code("plots.pareto_plot(results)"),
     md("""
 The same networks ranked by their exact held-out log predictive density (higher
@@ -258,8 +259,23 @@ def write(name: str, cells: list) -> Path:
     return path
 
 
+def execute(path: Path) -> None:
+    """Run ``path`` top to bottom in a fresh kernel and save it with its outputs."""
+    import nbclient
+
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=3600, kernel_name="python3",
+                            resources={"metadata": {"path": str(HERE)}}).execute()
+    nbformat.write(notebook, path)
+
+
 if __name__ == "__main__":
+    import sys
+
     for name, cells in (("quickstart.ipynb", QUICKSTART),
                         ("quantization_analysis.ipynb", ANALYSIS),
                         ("method_comparison.ipynb", COMPARISON)):
-        print("wrote", write(name, cells))
+        path = write(name, cells)
+        if "--execute" in sys.argv:  # at full settings unless PQNET_SMALL=1
+            execute(path)
+        print("wrote", path)

@@ -21,6 +21,8 @@ _LAZY = {
     **dict.fromkeys(["bits_plot", "codebook_plot", "pareto_plot", "reliability_plot",
                      "save_figure", "sigma_plot", "zscore_plot"], "plots"),
     "write_report": "report",
+    "format_table": "table",
+    "markdown_table": "table",
 }
 
 __all__ = ["classification_metrics", "entropy", "expected_calibration_error", *_LAZY]
