@@ -1,6 +1,9 @@
 """Compression that uses the posterior: Bayesian pruning, the entropy-constrained quantizer,
 the Deep Compression baseline, and the paired test that compares them."""
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -261,3 +264,14 @@ def test_the_priced_rule_lowers_its_objective_and_moves_uncertain_weights_first(
     qnet = pqnet.quantize(posterior, "sigma-code", code_bits=1.0)
     assert qnet.code_entropy_bits <= 1.0 and qnet.config["k"] is None
     assert qnet.config["lam"] > 0
+
+
+def test_a_budget_left_unused_is_said_and_the_result_logged(caplog):
+    posterior = linear_posterior()
+    with pytest.warns(UserWarning, match=r"avg_bits: uniform uses 2.000 of the 2.9 bits"):
+        pqnet.quantize(posterior, "uniform", avg_bits=2.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3 of 3 bits: nothing to say
+        with caplog.at_level(logging.INFO, logger="pqnet"):
+            qnet = pqnet.quantize(posterior, "uniform", avg_bits=3.0)
+    assert f"uniform: {qnet.size_bytes} bytes" in caplog.text

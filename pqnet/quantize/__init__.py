@@ -36,6 +36,8 @@ package, e.g. ``from pqnet.quantize import METHODS, QuantizedNet``.
 from __future__ import annotations
 
 import inspect
+import logging
+import warnings
 from collections.abc import Callable
 
 from torch.utils.data import Dataset
@@ -61,6 +63,9 @@ __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
            "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
+UNUSED_BITS = 0.25  # a budget left unused by more than this many bits per weight is said
+
+log = logging.getLogger(__name__)
 
 METHODS: dict[str, Quantizer] = {
     "uniform": uniform,
@@ -113,8 +118,22 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     finetune_lr = _checks.nonnegative_float("finetune_lr", finetune_lr)
     prune = _checks.fraction("prune", prune, closed_below=True)
     qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
+    _say_unused(qnet, budget)
     if prune > 0:
         qnet = bayesian_prune(qnet, posterior, prune)
-    if finetune_epochs == 0:
-        return qnet
-    return finetune(qnet, posterior, data, epochs=finetune_epochs, lr=finetune_lr, seed=seed)
+        log.info("pruned %.1f %% of the weights at level %g", 100 * qnet.config["prune"]
+                 ["fraction"], prune)
+    if finetune_epochs > 0:
+        qnet = finetune(qnet, posterior, data, epochs=finetune_epochs, lr=finetune_lr,
+                        seed=seed)
+    log.info("%s: %d bytes, %.3f bits per weight (fixed-width codes %.3f bits)", method,
+             qnet.size_bytes, qnet.bits_per_weight, qnet.avg_bits)
+    return qnet
+
+
+def _say_unused(qnet: QuantizedNet, budget: dict) -> None:
+    """Warn when the method left more than :data:`UNUSED_BITS` of an ``avg_bits`` budget."""
+    asked = budget.get("avg_bits")
+    if asked is not None and qnet.avg_bits < asked - UNUSED_BITS:
+        warnings.warn(f"avg_bits: {qnet.method} uses {qnet.avg_bits:.3f} of the {asked:g} bits "
+                      "asked (its widths are whole bits, per layer or network)", stacklevel=3)
