@@ -276,8 +276,8 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
         if m == "kmeans":
             runs += [(m, {"k": k, **options}, max(1, math.ceil(math.log2(k))), f"kmeans_k{k}")
                      for k in kmeans_ks]
-        elif m == "deep-compression":  # its own settings, no bit budget
-            runs.append((m, dict(options), None, m))
+        elif m == "deep-compression":  # its own settings and training, no bit budget
+            runs.append((m, {}, None, m))
         elif m == "pwfn":
             runs += [(m, {"threshold": t, **(pwfn_options or {})}, None, f"pwfn_t{t:g}")
                      for t in pwfn_thresholds]

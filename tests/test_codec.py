@@ -199,3 +199,65 @@ def test_config_is_stored_as_json_and_refused_when_it_cannot_be(small, tmp_path)
     with pytest.raises(TypeError, match="config: object values cannot be stored"):
         odd.save(tmp_path / "odd.pqn")
     assert not (tmp_path / "odd.pqn").exists()
+
+
+def test_the_coder_stays_near_the_entropy_on_a_sparse_255_level_alphabet():
+    """A fine grid whose 255 levels are mostly unused (as sigma-code leaves them): the stored
+    counts keep the model exact, and the codes stay within 1 % of the entropy."""
+    rng = np.random.default_rng(1)
+    probs = np.zeros(255)
+    probs[rng.choice(255, size=30, replace=False)] = rng.dirichlet(np.full(30, 0.3))
+    codes = torch.from_numpy(rng.choice(255, size=(1, 100_000), p=probs).astype(np.uint8))
+    layer = QuantizedLayer(codes, torch.full((1, 100_000), 8, dtype=torch.uint8),
+                           {8: torch.linspace(-1, 1, 255).reshape(1, -1)})
+    qnet = QuantizedNet({"": layer}, nn.Linear(100_000, 1, bias=False), "by-hand")
+    bound = qnet.code_entropy_bits * qnet.num_weights / 8
+    assert bound <= qnet.sizes["codes"] <= 1.01 * bound + 8
+
+
+def test_scales_that_do_not_rebuild_their_codebook_are_refused():
+    codes = torch.zeros(2, 2, dtype=torch.uint8)
+    bits = torch.full((2, 2), 2, dtype=torch.uint8)
+    book = {2: torch.tensor([[-1.0, -0.2, 0.2, 1.0]])}
+    with pytest.raises(ValueError, match="scales: the 2-bit scale"):
+        QuantizedLayer(codes, bits, book, {2: torch.tensor([1.0])})
+    with pytest.raises(ValueError, match="scales: the 2-bit scale"):
+        QuantizedLayer(codes, bits, {2: codec_grid(2)},
+                       {2: torch.tensor([1.0], dtype=torch.float64)})
+
+
+def codec_grid(width: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, 2 ** width).reshape(1, -1)
+
+
+def test_a_malformed_header_with_a_valid_checksum_is_refused(small, tmp_path):
+    data = pqnet.quantize(small, "uniform", bits=2).encoded.data
+    reader = codec.Reader(data[:-4])
+    header = codec.read_header(reader)
+    rest = data[reader.at:-4]
+    for name, bad in {"counts": {**header, "layers": [{**header["layers"][0],
+                                                       "shape": [1, 1]},
+                                                      *header["layers"][1:]]},
+                      "keys": {k: v for k, v in header.items() if k != "layers"},
+                      "symbols": {**header, "layers": [{**header["layers"][0], "symbols": 1},
+                                                       *header["layers"][1:]]}}.items():
+        path = tmp_path / f"{name}.pqn"
+        path.write_bytes(_with_checksum(codec.header_bytes(bad) + rest))
+        message = "decode to other symbols than were written" if name == "symbols" else ""
+        with pytest.raises(ValueError, match=f"path: {path}.*{message}"):
+            QuantizedNet.load(path, module=small_net())
+    path = tmp_path / "json.pqn"
+    junk = zlib.compress(b"{not json")
+    path.write_bytes(_with_checksum(codec.MAGIC + bytes([codec.VERSION])
+                                    + codec.varint(len(junk)) + junk + rest))
+    with pytest.raises(ValueError, match="its header does not decode"):
+        QuantizedNet.load(path, module=small_net())
+
+
+def test_loading_onto_a_given_module_leaves_it_as_it_was(small, tmp_path):
+    path = pqnet.quantize(small, "uniform", bits=2).save(tmp_path / "q.pqn")
+    module = small_net(seed=3)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    loaded = QuantizedNet.load(path, module=module)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert not torch.equal(loaded.module.state_dict()["0.weight"], before["0.weight"])

@@ -158,7 +158,6 @@ def _tiny_task(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 12, generator=gen)
     y = (x[:, :4].sum(1) > 0).long() + (x[:, 4] > 1).long()
-    module = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         module = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -166,27 +165,31 @@ def _tiny_task(seed: int = 0):
 
 
 def test_deep_compression_by_hand_without_training():
-    """One round, no retraining or fine-tuning: the smallest weights of each layer are zero,
-    the rest are the linear-initialised k-means centres of the survivors."""
+    """One round, no retraining or fine-tuning: the smallest 75 % of all weights (one
+    threshold for the network) are zero, the rest the linear-initialised k-means centres of
+    each layer's survivors."""
     from sklearn.cluster import KMeans
 
     posterior, data = _tiny_task()
     qnet = pqnet.quantize(posterior, "deep-compression", data=data, sparsity=0.75, k=4,
                           rounds=1, retrain_epochs=0, centre_epochs=0)
+    mus = {p: posterior.loc[f"{p}.weight"] for p in qnet.layers}
+    flat = torch.cat([m.abs().reshape(-1) for m in mus.values()])
+    threshold = flat.sort(descending=True).values[int(np.ceil(0.25 * len(flat))) - 1]
+    kept = sum(int((w != 0).sum()) for w in qnet.weights().values())
+    assert kept == int(np.ceil(0.25 * len(flat)))  # no ties in random weights
+    fractions = []
     for path, layer in qnet.layers.items():
-        mu = posterior.loc[f"{path}.weight"]
-        keep = int(np.ceil(0.25 * mu.numel()))
-        kept = mu.abs().reshape(-1).topk(keep).indices
-        mask = torch.zeros(mu.numel(), dtype=torch.bool)
-        mask[kept] = True
-        mask = mask.reshape(mu.shape)
-        w = qnet.weights()[f"{path}.weight"]
+        mu, w = mus[path], qnet.weights()[f"{path}.weight"]
+        mask = mu.abs() >= threshold
         assert torch.equal(layer.bits == 0, ~mask) and bool((w[~mask] == 0).all())
         survivors = mu[mask].double().numpy()[:, None]
-        start = np.linspace(survivors.min(), survivors.max(), 4)[:, None]
-        centres = np.sort(KMeans(4, init=start, n_init=1).fit(survivors).cluster_centers_[:, 0])
+        k = min(4, len(survivors))
+        start = np.linspace(survivors.min(), survivors.max(), k)[:, None]
+        centres = np.sort(KMeans(k, init=start, n_init=1).fit(survivors).cluster_centers_[:, 0])
         assert np.allclose(np.sort(w[mask].unique().numpy()), centres, atol=1e-6)
-        assert layer.widths == [0, 2]
+        fractions.append(float(mask.float().mean()))
+    assert fractions[0] != fractions[1]  # one threshold: the layers keep different shares
 
 
 def test_deep_compression_keeps_its_sparsity_and_clusters_through_training(tmp_path):
@@ -195,9 +198,10 @@ def test_deep_compression_keeps_its_sparsity_and_clusters_through_training(tmp_p
                           rounds=3, retrain_epochs=2, centre_epochs=2, lr=1e-2)
     for path, layer in qnet.layers.items():
         w = qnet.weights()[f"{path}.weight"]
-        n = w.numel()
-        assert int((w == 0).sum()) >= n - int(np.ceil(0.4 * n))  # the sparsity reached
         assert len(w[layer.bits > 0].unique()) <= 3  # k shared values, fine-tuned
+    total = sum(w.numel() for w in qnet.weights().values())
+    zeros = sum(int((w == 0).sum()) for w in qnet.weights().values())
+    assert zeros >= total - int(np.ceil(0.4 * total)) - len(qnet.layers)  # the sparsity
     start = pqnet.quantize(posterior, "deep-compression", data=data, sparsity=0.6, k=3,
                            rounds=3, retrain_epochs=2, centre_epochs=0, lr=1e-2)
     assert not torch.equal(qnet.weights()["0.weight"], start.weights()["0.weight"])
@@ -275,3 +279,28 @@ def test_a_budget_left_unused_is_said_and_the_result_logged(caplog):
         with caplog.at_level(logging.INFO, logger="pqnet"):
             qnet = pqnet.quantize(posterior, "uniform", avg_bits=3.0)
     assert f"uniform: {qnet.size_bytes} bytes" in caplog.text
+
+
+def test_sigma_code_with_pruning_survives_fine_tuning():
+    posterior, data = _tiny_task()
+    posterior.scale.update({k: torch.full_like(v, 0.05) for k, v in posterior.scale.items()})
+    qnet = pqnet.quantize(posterior, "sigma-code", k=1.0, prune=0.9, data=data,
+                          finetune_epochs=1, finetune_lr=1e-2)
+    for path, layer in qnet.layers.items():
+        pruned = prune_mask(posterior.loc[f"{path}.weight"], posterior.scale[f"{path}.weight"],
+                            0.9)
+        assert torch.equal(layer.bits == 0, pruned)
+
+
+def test_fine_tuning_a_method_that_trains_its_own_net_is_refused():
+    posterior, data = _tiny_task()
+    with pytest.raises(ValueError, match="finetune_epochs: deep-compression retrains"):
+        pqnet.quantize(posterior, "deep-compression", data=data, finetune_epochs=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_code_bits_is_met_from_below_on_other_layers(seed):
+    posterior = linear_posterior(seed=seed, n_out=60, n_in=80)
+    for budget in (0.5, 2.0, 3.5):
+        assert pqnet.quantize(posterior, "sigma-code", code_bits=budget).code_entropy_bits \
+            <= budget

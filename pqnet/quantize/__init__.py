@@ -63,6 +63,7 @@ __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
            "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
+RETRAINED = ("deep-compression", "pwfn")  # methods that train their own weights
 UNUSED_BITS = 0.25  # a budget left unused by more than this many bits per weight is said
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     finetune_epochs = _checks.int_in("finetune_epochs", finetune_epochs, 0, 10_000)
     finetune_lr = _checks.nonnegative_float("finetune_lr", finetune_lr)
     prune = _checks.fraction("prune", prune, closed_below=True)
+    if finetune_epochs and method in RETRAINED:
+        raise ValueError(f"finetune_epochs: {method} retrains its own network (see its "
+                         "epochs options); fine-tuning would start again from the posterior")
     qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
     _say_unused(qnet, budget)
     if prune > 0:

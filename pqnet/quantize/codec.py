@@ -39,6 +39,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import constriction
 import numpy as np
@@ -48,6 +49,7 @@ from torch import nn
 from .. import models
 
 MAGIC = b"PQNQ"
+CODER = f"constriction {version('constriction')} ANS, Categorical(perfect=False)"
 VERSION = 1
 PARTS = ("header", "codebooks", "code_model", "codes", "float", "checksum")
 
@@ -256,8 +258,9 @@ def encode(layers: dict, module: nn.Module, method: str, config: dict) -> Encode
     quantized = {weight_name(p) for p in layers}
     floats = b"".join(_tensor_bytes(v) for _, v in float_rest(module, quantized))
     header = header_bytes({
-        "method": method, "config": jsonable(config), "architecture": architecture(module),
-        "layout": layout_crc(module), "layers": metas})
+        "method": method, "config": jsonable(config),
+        "architecture": jsonable(architecture(module)), "layout": layout_crc(module),
+        "coder": CODER, "layers": metas})
     body = b"".join([header, *records, floats])
     sizes.update(header=len(header), float=len(floats), checksum=4)
     return Encoded(body + crc(body), sizes, entropy)
@@ -273,6 +276,7 @@ def _layer_record(path: str, layer) -> tuple[dict, dict[str, bytes], float]:
     model = b"".join(varint(int(c)) for c in counts)
     words = encode_symbols(symbols, counts)
     meta = {"path": path, "shape": list(layer.shape), "grid": grid,
+            "symbols": zlib.crc32(symbols.astype("<i4").tobytes()),
             "levels": {str(w): levels[w] for w in widths},
             "rows": {str(w): layer.codebooks[w].shape[0] for w in widths}}
     parts = {"codebooks": tables, "code_model": model,
@@ -316,7 +320,8 @@ def decode(data: bytes, module: nn.Module | None = None) -> Decoded:
     header = read_header(reader)
     try:
         module = _target(header, module)
-        layers = {meta["path"]: _read_layer(reader, meta) for meta in header["layers"]}
+        layers = {meta["path"]: _read_layer(reader, meta, header["coder"])
+                  for meta in header["layers"]}
         method, config = header["method"], header["config"]
     except (KeyError, TypeError, AttributeError) as err:
         raise FormatError(f"its header is malformed: {err!r}") from None
@@ -360,7 +365,7 @@ def _target(header: dict, module: nn.Module | None) -> nn.Module:
     return module
 
 
-def _read_layer(reader: Reader, meta: dict):
+def _read_layer(reader: Reader, meta: dict, coder: str):
     shape = tuple(int(d) for d in meta["shape"])
     levels = {int(w): int(n) for w, n in meta["levels"].items()}
     rows = {int(w): int(r) for w, r in meta["rows"].items()}
@@ -375,7 +380,11 @@ def _read_layer(reader: Reader, meta: dict):
         raise FormatError(f"layer {meta['path']!r}: its code model counts {counts.sum()} "
                           f"symbols for {n} weights")
     words = reader.array("<u4", reader.varint())
-    codes, bits = from_symbols(decode_symbols(words, counts, n), levels)
+    symbols = decode_symbols(words, counts, n)
+    if zlib.crc32(symbols.astype("<i4").tobytes()) != meta["symbols"]:
+        raise FormatError(f"layer {meta['path']!r}: its codes decode to other symbols than were "
+                          f"written (written by {coder}; this pqnet codes with {CODER})")
+    codes, bits = from_symbols(symbols, levels)
     return (torch.from_numpy(codes).reshape(shape), torch.from_numpy(bits).reshape(shape),
             tables, bool(meta["grid"]))
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from .qnet import QuantizedLayer, gather_levels, grid_levels
+from .qnet import MAX_WIDTH, QuantizedLayer, gather_levels, grid_levels
 
 __all__ = ["MAX_BITS", "grid_layer", "grid_levels", "grid_quantize", "grid_scale",
            "nearest_level", "round_to_grid"]
 
-MAX_BITS = 8  # codes are uint8
+MAX_BITS = MAX_WIDTH  # codes are uint8
 
 
 CLIP_FRACTIONS = torch.linspace(0.02, 1.0, 50)

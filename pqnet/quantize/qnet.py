@@ -71,7 +71,7 @@ class QuantizedLayer:
     def __post_init__(self) -> None:
         if self.codes.dtype != torch.uint8 or self.bits.dtype != torch.uint8:
             raise ValueError("codes, bits: expected uint8 tensors")
-        if self.codes.shape != self.bits.shape or self.codes.dim() == 0:
+        if self.codes.shape != self.bits.shape or self.codes.numel() == 0:
             raise ValueError(f"bits: shape {tuple(self.bits.shape)} does not match codes "
                              f"{tuple(self.codes.shape)}")
         if set(self.bits.unique().tolist()) != set(self.codebooks):
@@ -92,8 +92,18 @@ class QuantizedLayer:
             if used.numel() and int(used.max()) >= levels.shape[1]:
                 raise ValueError(f"codes: a {width}-bit code exceeds its codebook's "
                                  f"{levels.shape[1]} levels")
-        if self.scales is not None and set(self.scales) != set(self.codebooks):
+        if self.scales is not None:
+            self._check_scales()
+
+    def _check_scales(self) -> None:
+        """A grid's stored scales must rebuild its codebooks exactly: the file keeps only them."""
+        if set(self.scales) != set(self.codebooks):
             raise ValueError("scales: must have one entry per codebook")
+        for width, scale in self.scales.items():
+            if scale.dtype != torch.float32 or scale.dim() != 1 or \
+                    not torch.equal(grid_levels(scale, width), self.codebooks[width]):
+                raise ValueError(f"scales: the {width}-bit scale (float32, one per row) must "
+                                 "rebuild its codebook, scale * linspace(-1, 1, 2**width)")
 
     @classmethod
     def from_grid(cls, codes: torch.Tensor, bits: torch.Tensor,
@@ -296,7 +306,7 @@ class QuantizedNet:
     def save(self, path: str | os.PathLike) -> Path:
         """Write this network's file (:mod:`pqnet.quantize.codec`) to ``path`` atomically:
         ``path`` holds the old file or the new one whole, never a part."""
-        data = codec.encode(self.layers, self.module, self.method, self.config).data
+        data = self.encoded.data
         return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
     @classmethod

@@ -36,7 +36,7 @@ from .qnet import QuantizedLayer, QuantizedNet
 
 LEVELS = 255  # odd, so the grid holds 0; at most 2^8 values fit a uint8 code
 MAX_STEPS = 50
-BUDGET_STEPS, BISECTIONS = 20, 24  # the budget search: steps per trial, trials
+BISECTIONS = 24  # trials of the budget search
 LOG_LAM = (-8.0, 8.0)  # log10 of the lam range the budget search spans
 
 
@@ -66,18 +66,19 @@ def _range_argmax(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndar
 
 
 def assign(mu: np.ndarray, sigma: np.ndarray, grid: np.ndarray, k: float = math.inf,
-           lam: float = 0.0, steps: int = MAX_STEPS) -> tuple[np.ndarray, list[float]]:
+           lam: float = 0.0, steps: int = MAX_STEPS, start: np.ndarray | None = None
+           ) -> tuple[np.ndarray, list[float]]:
     """Indices into the sorted ``grid`` for each weight, and the objective (bits per weight:
     code entropy, plus ``lam`` times the mean squared error in sds) after each step.
 
-    Nearest level first; then each weight takes the level of least ``-log2 p_j + lam z^2``,
-    ``z = (v_j - mu) / sigma``, among those within ``k`` sds (with ``lam = 0``: the shortest
+    Nearest level first (or ``start``); then each weight takes the level of least
+    ``-log2 p_j + lam z^2``, ``z = (v_j - mu) / sigma``, among those within ``k`` sds (with ``lam = 0``: the shortest
     code in the interval); a weight with no level there keeps its nearest.
     """
     nearest = np.searchsorted((grid[1:] + grid[:-1]) / 2, mu)
     step = _interval_step(mu, sigma, grid, k, nearest) if lam == 0 else \
         _lagrangian_step(mu, sigma, grid, k, lam, nearest)
-    index = nearest
+    index = nearest if start is None else start
     history = [_objective(index, mu, sigma, grid, lam)]
     for _ in range(steps):
         best = step(np.bincount(index, minlength=len(grid)))
@@ -139,11 +140,15 @@ def recode(layer: QuantizedLayer, mu: torch.Tensor, sigma: torch.Tensor, config:
            ) -> torch.Tensor:
     """uint8 codes of new means ``mu`` in ``layer``'s codebook by the rule in ``config``
     (``k``, ``lam``): how fine-tuning re-rounds a sigma-code layer."""
-    levels = layer.codebooks[layer.widths[-1]][0].numpy()  # one sorted codebook per layer
+    width = layer.widths[-1]
+    levels = layer.codebooks[width][0].numpy()  # one sorted codebook per layer
+    coded = (layer.bits == width).reshape(-1).numpy()  # not the pruned ones (width 0)
     k = math.inf if config["k"] is None else config["k"]
-    index, _ = assign(mu.detach().reshape(-1).numpy(), sigma.reshape(-1).numpy(), levels, k,
-                      config["lam"])
-    return torch.from_numpy(index.astype(np.uint8)).reshape(mu.shape)
+    index, _ = assign(mu.detach().reshape(-1).numpy()[coded], sigma.reshape(-1).numpy()[coded],
+                      levels, k, config["lam"], start=layer.codes.reshape(-1).numpy()[coded])
+    codes = layer.codes.clone().reshape(-1)
+    codes[torch.from_numpy(coded)] = torch.from_numpy(index.astype(np.uint8))
+    return codes.reshape(mu.shape)
 
 
 def sigma_code(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
@@ -190,7 +195,7 @@ def _lam_for(layers: list, k: float, budget: float) -> float:
         bits = 0.0
         for _, mu, sigma in layers:
             index, _ = assign(mu.reshape(-1).numpy(), sigma.reshape(-1).numpy(),
-                              fine_grid(mu), k, 10.0 ** log_lam, steps=BUDGET_STEPS)
+                              fine_grid(mu), k, 10.0 ** log_lam)  # as code_layer will
             bits += mu.numel() * codec.entropy_bits(np.bincount(index))
         return bits / total
 
