@@ -72,8 +72,9 @@ def assign(mu: np.ndarray, sigma: np.ndarray, grid: np.ndarray, k: float = math.
     code entropy, plus ``lam`` times the mean squared error in sds) after each step.
 
     Nearest level first (or ``start``); then each weight takes the level of least
-    ``-log2 p_j + lam z^2``, ``z = (v_j - mu) / sigma``, among those within ``k`` sds (with ``lam = 0``: the shortest
-    code in the interval); a weight with no level there keeps its nearest.
+    ``-log2 p_j + lam z^2``, ``z = (v_j - mu) / sigma``, among those within ``k`` sds (with
+    ``lam = 0``: the shortest code in the interval); a weight with no level there keeps its
+    nearest.
     """
     nearest = np.searchsorted((grid[1:] + grid[:-1]) / 2, mu)
     step = _interval_step(mu, sigma, grid, k, nearest) if lam == 0 else \
