@@ -18,8 +18,9 @@ For each seed, on MNIST-5k (``../shared/data/mnist``) with LeNet-5:
 
 Selection: per family, the smallest file whose validation accuracy is at least the float
 net's minus 0.3 pp (500 validation images: one image is 0.2 pp, so this choice is noisy;
-the families get 7, 6 and 3 candidates). The float net's size is its raw state dict. Its test accuracy, and McNemar tests on the 10k test images against
-brevitas 2-bit and the chosen Deep Compression file, are reported. The posterior's
+the families get 7, 6 and 3 candidates). The float net's size is its raw state dict. The
+chosen file's test accuracy, and McNemar tests on the 10k test images against brevitas
+2-bit and the chosen Deep Compression file, are reported. The posterior's
 ``KL(q || p)`` in kB is the information bound (a draw from ``q`` is codable in about KL nats:
 Havasi et al. 2019, "Minimal Random Code Learning").
 
