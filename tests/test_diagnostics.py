@@ -321,6 +321,7 @@ BENCH = {"model": "digits_cnn", "data": "digits", "seed": 0,
          "float_mean": {"accuracy": 0.91, "nll": 0.3, "ece": 0.04},
          "rows": [{"method": m, "budget": b, "avg_bits": b - 0.1, "accuracy": acc, "nll": 0.4,
                    "ece": 0.05, "unique_values": 7, "code_entropy_bits": 1.5, "size_bytes": 4096,
+                   "bits_per_weight": b + 0.4,
                    "seconds": 0.2}
                   for m, b, acc in [("uniform", 2.0, 0.7), ("uniform", 4.0, 0.88),
                                     ("sigma-bits", 2.0, 0.85), ("sigma-bits", 4.0, 0.9)]]}

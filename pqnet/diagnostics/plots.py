@@ -48,7 +48,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def pareto_plot(results: dict, zoom_pp: float = 5.0) -> Figure:
-    """Test accuracy (%) against average bits per weight: one line per quantization method,
+    """Test accuracy (%) against file bits per weight (``8 * size_bytes / weights``, every
+    byte of the saved file, log scale): one line per quantization method,
     the Pareto front of all rows (dotted), and dashed horizontal lines for the float
     references (the BNN's posterior predictive, its mean network, the deterministic net).
 
@@ -56,7 +57,7 @@ def pareto_plot(results: dict, zoom_pp: float = 5.0) -> Figure:
     a second panel zooms in on the band from there up, where the methods differ.
 
     ``results`` is what :func:`pqnet.bench.run_benchmark` returns or writes as JSON; only
-    its ``rows`` (``method``, ``budget``, ``avg_bits``, ``accuracy``), the reference entries
+    its ``rows`` (``method``, ``bits_per_weight``, ``accuracy``), the reference entries
     and ``model`` / ``data`` are read.
     """
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
@@ -64,7 +65,7 @@ def pareto_plot(results: dict, zoom_pp: float = 5.0) -> Figure:
     methods: dict[str, list[tuple[float, float]]] = {}
     for row in results["rows"]:
         methods.setdefault(row["method"], []).append(
-            (float(row["avg_bits"]), 100 * float(row["accuracy"])))
+            (float(row["bits_per_weight"]), 100 * float(row["accuracy"])))
     for points in methods.values():
         points.sort()
     references = [(label, colour, 100 * float(results[key]["accuracy"]))
@@ -87,13 +88,9 @@ def pareto_plot(results: dict, zoom_pp: float = 5.0) -> Figure:
         for label, colour, acc in references:
             ax.axhline(acc, color=colour, linestyle="--", linewidth=1,
                        label=f"{label} ({acc:.2f} %)")
-        if points:  # the budgets (PWFN has none: its budget is its result), whole bits below
-            ticks = {float(row["budget"]) for row in results["rows"] if row["method"] != "pwfn"}
-            ticks = ticks or {math.ceil(max(p[0] for p in points))}
-            low = math.floor(min(p[0] for p in points))
-            ax.set_xticks(sorted(ticks | set(range(low, math.ceil(min(ticks))))))
-            ax.xaxis.set_major_formatter("{x:g}")
-        ax.set_xlabel("average bits per weight")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter("{x:g}")
+        ax.set_xlabel("bits per weight: the file's length, all in (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     title = (f"{results.get('model', '?')} on {results.get('data', '?')}: accuracy of the "

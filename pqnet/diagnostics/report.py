@@ -130,7 +130,7 @@ def _bench(run_dir: Path) -> dict | None:
         bench = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"run_dir: {path} is unreadable: {err}") from err
-    needed = {"method", "budget", "avg_bits", "accuracy"}
+    needed = {"method", "budget", "bits_per_weight", "accuracy"}
     if not isinstance(bench, dict) or not isinstance(bench.get("rows"), list) or not all(
             isinstance(row, dict) and needed <= set(row) for row in bench["rows"]):
         raise ValueError(f"run_dir: {path} is not a benchmark result: it needs 'rows', each "
@@ -463,6 +463,7 @@ def write_report(
         "model": metrics["model"], "data": metrics["data"],
         "float": {"accuracy": bnn["accuracy"]}, "float_mean": {"accuracy": mean["accuracy"]},
         "rows": [{"method": m, "budget": float(b), "avg_bits": qnets[k].avg_bits,
+                  "bits_per_weight": qnets[k].bits_per_weight,
                   "accuracy": results[k]["after"]["accuracy"]}
                  for (m, b), k in zip(variants, qnets, strict=True)]}
     md += ["## 5. Accuracy against bits" + (": the benchmark (`bench.json`)" if bench else ""),
