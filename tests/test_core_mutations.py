@@ -262,9 +262,11 @@ def test_meet_budget_reaches_the_budget_from_below():
     assert meet_budget(lambda p: p, 8.0, 1.0, 8.0) == 8.0  # even the most meets it
     calls = []
     assert meet_budget(lambda p: calls.append(p) or p, 9.0, 1.0, 8.0) == 8.0 and calls == [8.0]
-    with pytest.raises(ValueError, match=r"no allocation reaches 0.5; the fewest average bits "
-                                         r"are 1.0000"):
+    with pytest.raises(ValueError, match=r"^avg_bits: no allocation reaches 0.5; the fewest "
+                                         r"bits are 1.0000"):
         meet_budget(lambda p: p, 0.5, 1.0, 8.0)
+    with pytest.raises(ValueError, match=r"^code_bits: no allocation"):
+        meet_budget(lambda p: p, 0.5, 1.0, 8.0, argument="code_bits")
     # steps bounds the bisection: one step from [0, 8] for budget 3 stops at 0 (4 > 3)
     assert meet_budget(lambda p: p, 3.0, 0.0, 8.0, steps=1) == 0.0
     assert meet_budget(lambda p: p, 5.0, 0.0, 8.0, steps=1) == 4.0
