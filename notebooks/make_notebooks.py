@@ -1,6 +1,7 @@
 """Write the notebooks of this folder from the cells below (the notebooks are generated:
-edit here, then run ``python notebooks/make_notebooks.py --execute``, which also runs them
-and saves their outputs; without ``--execute`` they are written empty).
+edit here, then run ``python notebooks/make_notebooks.py --execute [NAME ...]``, which also
+runs them (or the named ones) and saves their outputs; without ``--execute`` they are
+written empty).
 
 Every notebook reads ``PQNET_SMALL=1`` from the environment to shrink epochs, data and draws
 so that the test suite (``tests/test_notebooks.py``) runs all of them in about a minute;
@@ -94,6 +95,7 @@ loo = psis_loo(idata)
 print(loo.elpd_loo, pareto_k_table(loo))
 idata"""),
     code("""az.summary(idata, var_names=["fc2.bias"])"""),
+    code("""az.plot_forest(idata, var_names=["fc2.bias"], combined=True, figsize=(6, 3));"""),
     md("""
 One table ranks the BNN, its mean network and the quantized network by their exact log
 predictive density on the test split (`elpd_test`: held out, not LOO).
@@ -272,9 +274,12 @@ def execute(path: Path) -> None:
 if __name__ == "__main__":
     import sys
 
+    chosen = sys.argv[sys.argv.index("--execute") + 1:] if "--execute" in sys.argv else []
     for name, cells in (("quickstart.ipynb", QUICKSTART),
                         ("quantization_analysis.ipynb", ANALYSIS),
                         ("method_comparison.ipynb", COMPARISON)):
+        if chosen and name.removesuffix(".ipynb") not in chosen:
+            continue  # --execute NAME ...: only those notebooks
         path = write(name, cells)
         if "--execute" in sys.argv:  # at full settings unless PQNET_SMALL=1
             execute(path)
