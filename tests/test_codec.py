@@ -261,3 +261,30 @@ def test_loading_onto_a_given_module_leaves_it_as_it_was(small, tmp_path):
     loaded = QuantizedNet.load(path, module=module)
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
     assert not torch.equal(loaded.module.state_dict()["0.weight"], before["0.weight"])
+
+
+def test_a_layer_of_one_symbol_needs_no_code_and_decodes(tmp_path):
+    """Every weight the same (one level used): the counts say it all, no words are coded."""
+    codes = torch.zeros(4, 6, dtype=torch.uint8)
+    layer = QuantizedLayer(codes, torch.ones(4, 6, dtype=torch.uint8), {1: torch.tensor([[0.5]])})
+    qnet = QuantizedNet({"": layer}, nn.Linear(6, 4), "by-hand")
+    assert qnet.sizes["codes"] == 1  # a word count of 0, no words
+    loaded = QuantizedNet.load(qnet.save(tmp_path / "one.pqn"), module=nn.Linear(6, 4))
+    assert torch.equal(loaded.layers[""].codes, codes)
+    assert loaded.layers[""].codes.dtype == torch.uint8
+
+
+def test_a_pqnet_model_built_with_other_arguments_comes_back_the_same(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = pqnet.models.lenet5(num_classes=7)
+    posterior = make_posterior(net)
+    loaded = QuantizedNet.load(pqnet.quantize(posterior, "uniform", bits=3).save(
+        tmp_path / "seven.pqn"))
+    assert loaded.module.fc3.out_features == 7
+
+
+def test_raw_bytes_of_an_unquantized_net():
+    lenet = pqnet.models.lenet5()
+    assert codec.raw_bytes(lenet.state_dict().values()) == 4 * 61_706
+    assert codec.raw_bytes([torch.zeros(3, dtype=torch.int64)]) == 24
