@@ -1,17 +1,21 @@
 """The quantized-network file: one compact binary format, the one place bytes are counted.
 
 A :class:`~pqnet.quantize.QuantizedNet`'s size is the length of this file. Layout (all
-integers little-endian; ``varint`` is LEB128):
+integers little-endian; ``varint`` is LEB128): the header, then each layer's three records
+(codebooks, code model, codes) in turn, then the float rest and the checksum;
+``QuantizedNet.sizes`` sums each part over the layers.
 
 ======================= ========================================================================
 part                    content
 ======================= ========================================================================
 ``header``              ``b"PQNQ"``, the format version (1 byte), then a zlib-compressed JSON
                         object: method, config, the architecture (a :mod:`pqnet.models` factory
-                        and its arguments, or ``null``), a CRC-32 of the network's layout, and
-                        per quantized layer its path, shape, widths, codebook rows and levels
-``codebooks``           per layer and width (ascending): the grid's half-ranges (one float32 per
-                        row) or the codebook values (rows x levels float32)
+                        and its arguments, or ``null``), a CRC-32 of the network's layout, the
+                        coder and its version, and per quantized layer its path, shape,
+                        widths, codebook rows and levels, and a CRC-32 of its symbols
+``codebooks``           per layer and width (ascending; none for width 0, the value 0): the
+                        grid's half-ranges (one float32 per row) or the codebook values (rows
+                        x levels float32)
 ``code_model``          per layer: the count of each symbol of its alphabet, as varints
 ``codes``               per layer: its symbols, ANS-coded (``constriction``) under the
                         categorical model of those counts; a varint word count, then the words
@@ -29,7 +33,8 @@ stored, so the file decodes alone.
 
 The network's architecture is code, not data: the file names the :mod:`pqnet.models` factory
 that built it (recorded on the module by that factory); any other network is read back onto a
-``module`` of the same layout that the caller passes to :func:`read`.
+``module`` of the same layout that the caller passes to :func:`decode`. The symbols' CRC
+catches a decoder whose model differs from the encoder's (another constriction release).
 """
 
 from __future__ import annotations
