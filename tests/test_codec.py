@@ -265,8 +265,9 @@ def test_loading_onto_a_given_module_leaves_it_as_it_was(small, tmp_path):
 
 def test_a_layer_of_one_symbol_needs_no_code_and_decodes(tmp_path):
     """Every weight the same (one level used): the counts say it all, no words are coded."""
-    codes = torch.zeros(4, 6, dtype=torch.uint8)
-    layer = QuantizedLayer(codes, torch.ones(4, 6, dtype=torch.uint8), {1: torch.tensor([[0.5]])})
+    codes = torch.ones(4, 6, dtype=torch.uint8)  # symbol 1 of 2: not the first
+    layer = QuantizedLayer(codes, torch.ones(4, 6, dtype=torch.uint8),
+                           {1: torch.tensor([[-0.5, 0.5]])})
     qnet = QuantizedNet({"": layer}, nn.Linear(6, 4), "by-hand")
     assert qnet.sizes["codes"] == 1  # a word count of 0, no words
     loaded = QuantizedNet.load(qnet.save(tmp_path / "one.pqn"), module=nn.Linear(6, 4))
@@ -288,3 +289,58 @@ def test_raw_bytes_of_an_unquantized_net():
     lenet = pqnet.models.lenet5()
     assert codec.raw_bytes(lenet.state_dict().values()) == 4 * 61_706
     assert codec.raw_bytes([torch.zeros(3, dtype=torch.int64)]) == 24
+
+
+# A file written by this version of the format: later builds must read it to the same net, and
+# write the same layer records (the header holds library versions, so it may differ).
+GOLDEN = bytes.fromhex(
+    "50514e5101820278da75ce3d6bc3301006e0bf126e6a410d922cdbb220432974ecd23164506cf90314c9c872"
+    "8b31feef3d071a44a1e3ddcb3df7ae7033b1f70d28b82e2fbd760d10a8bd6b870ed40ace478351e76d631c6c"
+    "0474a8fb219a3ace0103375b4bc0eac5cf11542672c9caac2c77a131010f519a6218ea387877a0c7fc480faf"
+    "1f9fe4f0a6a3e93c06da3e8d26b4089edeb59dcc33dc3d132650e715461d7b64286ea75e8ff8f22c487621d0"
+    "85013bc7301b4c96dbd55b3c6095e455990b8686f932fb6a050e4a60f1e0bf7f47b66de441b384e6443ce876"
+    "6f93d89964b4a0546422c519289ee0ec0fce539c12feaf2e2a5914959032c5056a45a28bbb7ed97e00666b85"
+    "f60000403f0304030202b00afe600d070000000000bf0000003f0206010000c01e000000c0deddddbfbcbbbb"
+    "bf999999bfeeee6ebfaaaa2abfcaccccbe828808be8288083ecacccc3eaaaa2a3feeee6e3f9999993fbcbbbb"
+    "3fdedddd3f0000004001000504010a0306000001020304000005664c3492f46ce48b9073b6704aaa922bb331"
+    "02000000003f000080be0000003e0000803f000080bf790d65bff21a4abf6c282fbfe53514bfbc86f2beafa1"
+    "bcbea2bc86be28af21be349457bd3494573d28af213ea2bc863eafa1bc3ebc86f23ee535143f6c282f3ff21a"
+    "4a3f790d653f0000803fc8796cfa")
+
+
+GOLDEN_CODES = [6, 12, 13, 5, 7, 5, 7, 5, 5, 12, 3, 7, 2, 11, 10, 4, 12, 2, 5, 2, 6, 11, 3, 0,
+                5, 3, 2, 7, 5, 7, 3, 13, 5, 2, 7, 13, 5, 13, 6, 5]  # a skewed 16-level layer
+
+
+def golden_module() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2, bias=False), nn.Linear(2, 20))
+
+
+def golden_net() -> QuantizedNet:
+    net = golden_module()
+    with torch.no_grad():
+        net[0].bias.copy_(torch.tensor([0.5, -0.25, 0.125, 1.0]))
+        net[2].bias.copy_(torch.linspace(-1, 1, 20))
+    first = QuantizedLayer.from_grid(
+        torch.tensor([[3, 1, 2], [0, 2, 0], [1, 1, 1], [2, 3, 0]], dtype=torch.uint8),
+        torch.full((4, 3), 2, dtype=torch.uint8), {2: torch.tensor([0.75])})
+    second = QuantizedLayer(torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.uint8),
+                            torch.ones(2, 4, dtype=torch.uint8), {1: torch.tensor([[-0.5, 0.5]])})
+    third = QuantizedLayer(torch.tensor(GOLDEN_CODES, dtype=torch.uint8).reshape(20, 2),
+                           torch.full((20, 2), 4, dtype=torch.uint8),
+                           {4: torch.linspace(-2, 2, 16).reshape(1, -1)})
+    return QuantizedNet({"0": first, "1": second, "2": third}, net, "by-hand",
+                        {"note": "golden"})
+
+
+def test_a_file_of_this_format_version_still_reads_and_is_written_the_same(tmp_path):
+    path = tmp_path / "golden.pqn"
+    path.write_bytes(GOLDEN)
+    loaded, expected = QuantizedNet.load(path, module=golden_module()), golden_net()
+    assert_same(loaded, expected, torch.randn(3, 3, generator=torch.Generator().manual_seed(0)))
+    assert loaded.config == {"note": "golden"}
+    header = codec.Reader(GOLDEN)
+    codec.read_header(header)
+    body = codec.Reader(expected.encoded.data)
+    codec.read_header(body)
+    assert expected.encoded.data[body.at:-4] == GOLDEN[header.at:-4]
