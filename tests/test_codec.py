@@ -344,3 +344,12 @@ def test_a_file_of_this_format_version_still_reads_and_is_written_the_same(tmp_p
     body = codec.Reader(expected.encoded.data)
     codec.read_header(body)
     assert expected.encoded.data[body.at:-4] == GOLDEN[header.at:-4]
+
+
+def test_code_entropy_is_the_count_weighted_mean_over_layers():
+    net = golden_net()
+    per_layer = [(layer.numel, codec.entropy_bits(codec.symbol_counts(layer)[1]))
+                 for layer in net.layers.values()]
+    expected = sum(n * h for n, h in per_layer) / sum(n for n, _ in per_layer)
+    assert net.code_entropy_bits == pytest.approx(expected)
+    assert len({h for _, h in per_layer}) == 3  # the layers differ, so a slip would show

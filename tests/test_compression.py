@@ -304,3 +304,25 @@ def test_code_bits_is_met_from_below_on_other_layers(seed):
     for budget in (0.5, 2.0):
         assert pqnet.quantize(posterior, "sigma-code", code_bits=budget).code_entropy_bits \
             <= budget
+
+
+def test_bayesian_prune_by_itself_on_a_two_layer_net():
+    """Called directly: the level is checked (0 allowed), the fraction counts every layer,
+    the method is kept, and a weight whose mean is exactly 0 is not pruned at level 0 (its
+    interval is the point 0: zero is not strictly inside it)."""
+    from pqnet.quantize import bayesian_prune
+
+    module = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        module[0].weight.copy_(torch.tensor([[0.0, 0.1, -0.2, 0.3]] * 3))
+        module[1].weight.copy_(torch.tensor([[0.05, 1.0, -0.01]] * 2))
+    scale = {"0.weight": torch.full((3, 4), 0.1), "1.weight": torch.full((2, 3), 0.1)}
+    posterior = make_posterior(module, scale)
+    qnet = pqnet.quantize(posterior, "uniform", bits=3)
+    assert bayesian_prune(qnet, posterior, 0.0).config["prune"]["fraction"] == 0.0
+    pruned = bayesian_prune(qnet, posterior, 0.5)  # z = 0.674: |mu| < 0.0674 goes
+    assert pruned.method == "uniform"
+    assert pruned.config["prune"]["fraction"] == pytest.approx((3 + 4) / 18)
+    for level in (1.0, -0.5):
+        with pytest.raises(ValueError, match=r"^prune: expected a number in \[0, 1\)"):
+            bayesian_prune(qnet, posterior, level)
