@@ -240,10 +240,14 @@ def test_a_malformed_header_with_a_valid_checksum_is_refused(small, tmp_path):
                                                       *header["layers"][1:]]},
                       "keys": {k: v for k, v in header.items() if k != "layers"},
                       "symbols": {**header, "layers": [{**header["layers"][0], "symbols": 1},
-                                                       *header["layers"][1:]]}}.items():
+                                                       *header["layers"][1:]]},
+                      "past the end": {**header, "layers": [{**header["layers"][0],
+                                                             "levels": {"2": 100_000}},
+                                                            *header["layers"][1:]]}}.items():
         path = tmp_path / f"{name}.pqn"
         path.write_bytes(_with_checksum(codec.header_bytes(bad) + rest))
-        message = "decode to other symbols than were written" if name == "symbols" else ""
+        message = {"symbols": "decode to other symbols than were written",
+                   "past the end": "truncated: the file ends inside a record"}.get(name, "")
         with pytest.raises(ValueError, match=f"path: {path}.*{message}"):
             QuantizedNet.load(path, module=small_net())
     path = tmp_path / "json.pqn"
