@@ -414,53 +414,79 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
                               kmeans_ks=kmeans_ks, seed=seed, folder=folder,
                               skipped=skipped, log=log, **extra)
         if "pwfn" in methods:  # PWFN's own pipeline: its prior, from the trained net
-            start = time.perf_counter()
-            pwfn_posterior = fit(bayesian(net, prior="pwfn", init_scale="pwfn"), train,
-                                 epochs=pwfn_epochs, batch_size=batch_size, lr=lr,
-                                 scale_lr=PWFN_SCALE_LR, lr_schedule="cosine", seed=seed,
-                                 kl_weight=1.0, warm_start=0, progress=progress)
-            prefit = time.perf_counter() - start
-            log(f"PWFN posterior fitted: {pwfn_epochs} epochs in {prefit:.1f} s")
-            pwfn_rows = quantized_rows(
-                pwfn_posterior, train, test, methods=["pwfn"], budgets=[], kmeans_ks=[],
-                seed=seed, folder=folder, skipped=skipped, log=log,
-                pwfn_thresholds=pwfn_thresholds,
-                pwfn_options={"retrain_epochs": pwfn_retrain_epochs, "lr": lr,
-                              "batch_size": batch_size})
-            for row in pwfn_rows:
-                row["seconds"] += prefit
-            rows += pwfn_rows
-            results["pwfn_float_mean"] = _scores(evaluate(pwfn_posterior.mean_module(), test))
+            pwfn = _pwfn_rows(net, train, test, folder, epochs=pwfn_epochs,
+                              thresholds=pwfn_thresholds, retrain_epochs=pwfn_retrain_epochs,
+                              lr=lr, batch_size=batch_size, seed=seed, progress=progress,
+                              skipped=skipped, log=log)
+            rows += pwfn.pop("rows")
+            results.update(pwfn)
             results["config"].update(pwfn_epochs=pwfn_epochs, pwfn_thresholds=pwfn_thresholds,
                                      pwfn_retrain_epochs=pwfn_retrain_epochs,
                                      pwfn_scale_lr=PWFN_SCALE_LR)
-
-        # brevitas quantization-aware training
-        why = brevitas_available() if brevitas_bits else None
-        if why is not None:
-            skipped.append(f"brevitas-qat: brevitas is not importable ({why})")
-            log(f"skipped: {skipped[-1]}")
-            brevitas_bits = []
-        for bits in brevitas_bits:
-            with warnings.catch_warnings():  # brevitas warns about its own internals
-                warnings.simplefilter("ignore")
-                qat = brevitas_net(_fresh(model, train, seed), bits)
-                seconds = train_network(qat, train, epochs=epochs, batch_size=batch_size,
-                                        lr=lr, seed=seed)
-                qat_accuracy = float(evaluate(qat, test)["accuracy"])
-                qnet = qat_to_qnet(qat, _fresh(model, train, seed), bits)
-            file = folder / f"brevitas-qat_{bits}bit.pqn"
-            scores, loaded = _measure(qnet, file, test)
-            row = _row("brevitas-qat", bits, loaded, scores, seconds,
-                       qat_module_accuracy=qat_accuracy, file=file.name)
-            rows.append(row)
-            log(f"brevitas-qat {bits} bits: accuracy {scores['accuracy']:.4f} "
-                f"(brevitas module {qat_accuracy:.4f}), {seconds:.1f} s")
+        rows += _brevitas_rows(model, train, test, folder, brevitas_bits, epochs=epochs,
+                               batch_size=batch_size, lr=lr, seed=seed, skipped=skipped,
+                               log=log)
 
     results["rows"] = rows
     results["skipped"] = skipped
     log("")
     print_results(results, log)
+    _write(results, json_path, plot_path, log)
+    return results
+
+
+def _pwfn_rows(net: nn.Module, train: Dataset, test: Dataset, folder: Path, *, epochs: int,
+               thresholds: Sequence[float], retrain_epochs: int, lr: float, batch_size: int,
+               seed: int, progress: bool, skipped: list[str], log: Callable[[str], None]
+               ) -> dict:
+    """PWFN's own pipeline from the trained ``net``: its prior fitted for ``epochs``, then one
+    row per threshold (its ``seconds`` include the pre-fit); ``{"rows", "pwfn_float_mean"}``."""
+    start = time.perf_counter()
+    posterior = fit(bayesian(net, prior="pwfn", init_scale="pwfn"), train, epochs=epochs,
+                    batch_size=batch_size, lr=lr, scale_lr=PWFN_SCALE_LR, lr_schedule="cosine",
+                    seed=seed, kl_weight=1.0, warm_start=0, progress=progress)
+    prefit = time.perf_counter() - start
+    log(f"PWFN posterior fitted: {epochs} epochs in {prefit:.1f} s")
+    rows = quantized_rows(posterior, train, test, methods=["pwfn"], budgets=[], kmeans_ks=[],
+                          seed=seed, folder=folder, skipped=skipped, log=log,
+                          pwfn_thresholds=thresholds,
+                          pwfn_options={"retrain_epochs": retrain_epochs, "lr": lr,
+                                        "batch_size": batch_size})
+    for row in rows:
+        row["seconds"] += prefit
+    return {"rows": rows, "pwfn_float_mean": _scores(evaluate(posterior.mean_module(), test))}
+
+
+def _brevitas_rows(model: str, train: Dataset, test: Dataset, folder: Path,
+                   widths: Sequence[int], *, epochs: int, batch_size: int, lr: float, seed: int,
+                   skipped: list[str], log: Callable[[str], None]) -> list[dict]:
+    """brevitas QAT at each width from the deterministic net's initial weights, exported and
+    scored as a saved file like every row (none, with a note, when brevitas does not import)."""
+    why = brevitas_available() if widths else None
+    if why is not None:
+        skipped.append(f"brevitas-qat: brevitas is not importable ({why})")
+        log(f"skipped: {skipped[-1]}")
+        return []
+    rows = []
+    for bits in widths:
+        with warnings.catch_warnings():  # brevitas warns about its own internals
+            warnings.simplefilter("ignore")
+            qat = brevitas_net(_fresh(model, train, seed), bits)
+            seconds = train_network(qat, train, epochs=epochs, batch_size=batch_size, lr=lr,
+                                    seed=seed)
+            qat_accuracy = float(evaluate(qat, test)["accuracy"])
+            qnet = qat_to_qnet(qat, _fresh(model, train, seed), bits)
+        file = folder / f"brevitas-qat_{bits}bit.pqn"
+        scores, loaded = _measure(qnet, file, test)
+        rows.append(_row("brevitas-qat", bits, loaded, scores, seconds,
+                         qat_module_accuracy=qat_accuracy, file=file.name))
+        log(f"brevitas-qat {bits} bits: accuracy {scores['accuracy']:.4f} "
+            f"(brevitas module {qat_accuracy:.4f}), {seconds:.1f} s")
+    return rows
+
+
+def _write(results: dict, json_path: str | Path | None, plot_path: str | Path | None,
+           log: Callable[[str], None]) -> None:
     if json_path is not None:
         save_json(results, json_path)
         log(f"wrote {json_path}")
@@ -469,4 +495,3 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
 
         save_figure(pareto_plot(results), plot_path)
         log(f"wrote {plot_path}")
-    return results
