@@ -90,8 +90,9 @@ def pqnet_rows(float_net, fit_part, val, test, seed, args, folder):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         bnn = pqnet.bayesian(copy.deepcopy(float_net))
+    kl_weight = args.kl_weight if args.kl_weight == "auto" else float(args.kl_weight)
     posterior = pqnet.fit(bnn, fit_part, epochs=args.epochs - args.finetune, seed=seed,
-                          progress=False)
+                          kl_weight=kl_weight, progress=False)
     kl_kb = float(bnn.kl().detach()) / math.log(2) / 8 / 1024
     fit_seconds = time.perf_counter() - start
     rows, correct = [], {}
@@ -227,6 +228,8 @@ def main() -> None:
     parser.add_argument("--float-epochs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--finetune", type=int, default=2)
+    parser.add_argument("--kl-weight", default="auto",
+                        help="pqnet.fit's kl_weight: 'auto' (the default posterior) or a number")
     parser.add_argument("--json", default="benchmarks/frontier.json")
     parser.add_argument("--plot", default="benchmarks/frontier.png")
     args = parser.parse_args()
