@@ -281,7 +281,7 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -
         "count": count.long().tolist(),
         "confidence": torch.where(count > 0, conf_sum / safe, nan).tolist(),
         "accuracy": torch.where(count > 0, acc_sum / safe, nan).tolist(),
-        "ece": float((acc_sum - conf_sum).abs().sum() / len(labels)),
+        "ece": expected_calibration_error(probs.double(), labels, num_bins),  # the one ECE
     }
 
 
