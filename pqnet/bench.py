@@ -54,7 +54,6 @@ from numbers import Integral, Real
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -64,7 +63,7 @@ from ._io import save_json
 from .bnn import bayesian
 from .diagnostics.table import format_table
 from .inference import Posterior, evaluate, fit
-from .inference.batching import batches
+from .inference.plain import train_plain
 from .quantize import METHODS, QuantizedLayer, QuantizedNet, quantize
 from .quantize.codec import raw_bytes
 
@@ -86,16 +85,9 @@ def train_network(net: nn.Module, train: Dataset, *, epochs: int, batch_size: in
                   seed: int) -> float:
     """Train ``net`` in place with Adam at ``lr`` on the cross-entropy, on the minibatches
     :func:`pqnet.fit` draws with ``seed``; return the seconds it took."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    net.train()
-    for _ in range(epochs):
-        for x, y in batches(train, batch_size, generator=order):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-    net.eval()
+    train_plain(net, train, epochs=epochs, batch_size=batch_size, lr=lr,
+                generator=torch.Generator().manual_seed(seed))
     return time.perf_counter() - start
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import re
 import tempfile
@@ -53,42 +52,13 @@ from .plots import (
     sigma_plot,
     zscore_plot,
 )
+from .table import markdown_table
 
 __all__ = ["VARIANTS", "markdown_table", "write_report"]
 
 #: the quantized versions a report makes: (method, average-bit budget)
 VARIANTS: tuple[tuple[str, float], ...] = (("quantile-inform", 2.0), ("quantile-inform", 4.0),
                                            ("uniform", 2.0), ("uniform", 4.0))
-# --------------------------------------------------------------------------- markdown
-
-
-def _cell(value: object, fmt: str | None) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return "–"
-        if fmt:
-            return format(value, fmt)
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return format(value, fmt or ",")
-    return str(value).replace("|", "\\|")
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str],
-                   formats: dict[str, str] | None = None) -> str:
-    """``rows`` as a GitHub-flavoured markdown table with the header ``columns``: numbers
-    right-aligned (floats with 4 decimals unless ``formats[column]`` gives a format spec),
-    text left-aligned, ``nan`` as a dash."""
-    formats = formats or {}
-    numeric = [all(isinstance(r.get(c), (int, float, np.number)) or r.get(c) is None
-                   for r in rows) for c in columns]
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---:" if num else ":---" for num in numeric) + "|"]
-    lines += ["| " + " | ".join(_cell(r.get(c), formats.get(c)) for c in columns) + " |"
-              for r in rows]
-    return "\n".join(lines)
 
 
 def _frame_table(frame, index_name: str, formats: dict[str, str] | None = None) -> str:

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from .. import _checks
 from ..inference.batching import batches, check_dataset
+from ..inference.plain import train_plain
 from ..inference.posterior import Posterior
 from .kmeans import _cluster
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
@@ -90,16 +91,9 @@ def _keep_largest(weights: dict[str, torch.Tensor], keep: float) -> dict[str, to
 def _retrain(net: nn.Module, data: Dataset, masks: dict[str, torch.Tensor], epochs: int,
              lr: float, batch_size: int, gen: torch.Generator) -> None:
     """Train ``net`` with the pruned weights held at zero."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     _apply(net, masks)
-    net.train()
-    for _ in range(epochs):
-        for x, y in batches(data, batch_size, generator=gen):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-            _apply(net, masks)
-    net.eval()
+    train_plain(net, data, epochs=epochs, batch_size=batch_size, lr=lr, generator=gen,
+                after_step=lambda: _apply(net, masks))
 
 
 def _apply(net: nn.Module, masks: dict[str, torch.Tensor]) -> None:
