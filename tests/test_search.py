@@ -147,13 +147,11 @@ def test_search_meets_the_budget_and_returns_its_network(run, digits):
 
 
 def test_same_seed_same_trace_and_resume_continues(run, digits, tmp_path):
+    """An interrupted run (the file holds all but the last evaluation) resumed with the same
+    seed: every stored decision is taken again (``Trace.evaluate`` refuses a different
+    allocation or fidelity) and the last evaluation, run afresh, gives the same record."""
     result, path = run
     posterior, train, val, _ = digits
-    again = search(posterior, train, val, trace_path=tmp_path / "again.json", **SMALL)
-    assert _without_seconds(again.trace) == _without_seconds(result.trace)
-    assert _without_seconds({"evaluations": [again.best]}) == _without_seconds(
-        {"evaluations": [result.best]})
-    # an interrupted run: the file holds all but the last evaluation; resume runs that one
     state = json.loads(path.read_text())
     kept = len(state["evaluations"]) - 1
     assert kept > 5  # past the initial design: the GP's decisions are replayed too
@@ -165,6 +163,11 @@ def test_same_seed_same_trace_and_resume_continues(run, digits, tmp_path):
     assert _without_seconds(resumed.trace) == _without_seconds(result.trace)
     assert torch.equal(resumed.qnet.weights()["conv1.weight"],
                        result.qnet.weights()["conv1.weight"])
+    # a file whose settings match but whose decisions do not is another search: refused
+    state["evaluations"][1]["fidelity"] += 1
+    cut.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="^trace_path: evaluation 1 .* not the same search"):
+        search(posterior, train, val, trace_path=cut, resume=True, **SMALL)
 
 
 def test_random_search_and_effective_objective(digits, tmp_path):
