@@ -227,6 +227,10 @@ def test_mcnemar_by_hand():
     # 5 examples only A gets right, 1 only B: p = 2 * P(X <= 1 | 6, 1/2) = 2 * 7 / 64
     assert mcnemar(a, b) == {"only_a": 5, "only_b": 1, "p_value": pytest.approx(14 / 64)}
     assert mcnemar(a, a)["p_value"] == 1.0
+    # a tie, 2 and 2: 2 * P(X <= 2 | 4, 1/2) = 22/16 is more than 1; a p-value stops at 1
+    tie = mcnemar(torch.tensor([1, 1, 0, 0, 1], dtype=torch.bool),
+                  torch.tensor([0, 0, 1, 1, 1], dtype=torch.bool))
+    assert tie == {"only_a": 2, "only_b": 2, "p_value": 1.0}
     with pytest.raises(ValueError, match="correct_b"):
         mcnemar(a, b[:5])
 

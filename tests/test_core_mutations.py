@@ -17,6 +17,7 @@ import re
 import stat
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from torch import nn
@@ -467,3 +468,181 @@ def test_device_check():
             _checks.device("cuda")
         with pytest.raises(ValueError, match=r"^gpu: CUDA was asked for"):
             _checks.device("cuda:0", name="gpu")
+
+
+# --------------------------------------------------------------------------- the model's parts
+# (survivors of the second mutation run: likelihood, prior, guide, the warm start's loss)
+
+
+def test_gaussian_likelihood_is_the_normal_density():
+    """``log p(y | f) = sum -log(s sqrt(2 pi)) - (y - f)^2 / (2 s^2)``, what SVI maximises."""
+    from pqnet.bnn.likelihoods import Gaussian
+
+    f, y = torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([0.5, 1.0, 2.0])
+    for noise in (0.5, 2.0):  # a noise below 1 is as valid as one above
+        lik = Gaussian(noise)
+        by_hand = sum(-math.log(noise * math.sqrt(2 * math.pi)) - (b - a) ** 2 / (2 * noise ** 2)
+                      for a, b in [(0.0, 0.5), (1.0, 1.0), (3.0, 2.0)])
+        assert float(lik.log_prob(f, y)) == pytest.approx(by_hand, rel=1e-6)
+        assert lik.describe() == {"kind": "normal", "noise": noise}
+        # the obs site of the model: the same density, y reshaped to f's shape
+        trace = pyro.poutine.trace(lik).get_trace(f, y)
+        assert float(trace.nodes["obs"]["fn"].log_prob(trace.nodes["obs"]["value"]).sum()) == \
+            pytest.approx(by_hand, rel=1e-6)
+        assert trace.nodes["obs"]["value"].shape == f.shape
+        # one density per example (the data plate's dimension), an event per output row
+        assert lik.distribution(f).batch_shape == (3,)
+        assert lik.distribution(f).event_shape == (1,)
+        # targets of another dtype are read in the network's: the loss stays float32
+        assert lik.log_prob(f, y.double()).dtype == torch.float32
+        assert pyro.poutine.trace(lik).get_trace(f, y.double()).nodes["obs"]["value"].dtype == \
+            torch.float32
+    assert float(Gaussian().noise) == 1.0 and not Gaussian().learn_noise  # the defaults
+    learned = Gaussian(0.5, learn_noise=True)
+    assert learned.learn_noise is True
+    assert [n for n, _ in learned.named_parameters()] == ["noise_unconstrained"]
+    assert float(learned.noise.detach()) == pytest.approx(0.5)
+    with torch.no_grad():  # wherever the optimiser takes the raw parameter, noise stays > 0
+        learned.noise_unconstrained.fill_(-1.0)
+    assert float(learned.noise.detach()) == pytest.approx(math.exp(-1.0))
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="^noise: "):
+            Gaussian(bad)
+
+
+def test_a_normal_prior_needs_a_positive_scale():
+    from pqnet.bnn.priors import NormalPrior
+
+    assert NormalPrior(1e-3).scale_for(10) == 1e-3
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="^prior: scale must be a positive"):
+            NormalPrior(bad)
+
+
+def test_the_warm_start_loss_is_the_mean_networks_scaled_cross_entropy():
+    """``-(N / B) sum_n log p(y_n | x_n, mu)`` with the guide's means as the weights."""
+    from pqnet.inference.elbo import MeansLikelihood
+
+    torch.manual_seed(0)
+    module = nn.Linear(4, 3)
+    bnn = pqnet.bayesian(module, init_scale=0.5)
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    ce = float(nn.functional.cross_entropy(module(x), y, reduction="sum"))
+    loss = MeansLikelihood(bnn)
+    assert float(loss(x, y)) == pytest.approx(ce, rel=1e-6)
+    assert float(loss(x, y, 50)) == pytest.approx(50 / 5 * ce, rel=1e-6)
+
+
+def test_fixing_weights_is_cumulative_and_takes_any_mask_and_value_type():
+    """PWFN fixes weights round after round: a later mask must hold every fixed weight; an
+    integer mask or a float64 value act as their bool and float32 equivalents."""
+    bnn = pqnet.bayesian(nn.Linear(3, 2), init_scale=0.5)
+    guide, site = bnn.guide, "net.weight"
+    assert guide.fixed_mask(site) is None
+    loc = guide.loc_of(site).detach().clone()
+    first = torch.tensor([[1, 0, 0], [0, 0, 0]])  # integers, not bools
+    guide.fix(site, first, np.float64(0.25))
+    assert torch.equal(guide.fixed_mask(site), first.bool())
+    assert guide.loc_of(site).dtype == torch.float32
+    expected = torch.where(first.bool(), 0.25, loc)
+    assert torch.equal(guide.loc_of(site), expected)
+    second = torch.tensor([[1, 1, 0], [0, 0, 1]])
+    guide.fix(site, second, torch.tensor(-0.5, dtype=torch.float64))
+    assert torch.equal(guide.fixed_mask(site), second.bool())
+    expected = torch.where(second.bool(), -0.5, loc)
+    assert torch.equal(guide.loc_of(site), expected)
+    assert guide.loc_of(site).dtype == torch.float32
+    with pytest.raises(ValueError, match="^mask: would free weights"):
+        guide.fix(site, first, 0.0)
+
+
+def test_pwfn_scale_is_clamped_to_its_range_and_keeps_the_dtype():
+    from pqnet.bnn.guide import PWFN_MAX_SCALE, PWFN_MIN_SCALE, pwfn_scale
+
+    w = torch.tensor([1.0, 0.75, 0.3, 0.6, 1.5, 2.0 ** -40], dtype=torch.float64)
+    a = w.abs().clamp_min(PWFN_MIN_SCALE)
+    below = torch.exp2(torch.floor(torch.log2(a)))
+    d = (a - below) * (2 * below - a) / a ** 2  # 0 at a power of two, largest between
+    for base in (0.0025, 1.0):  # 1.0 sends the far ones past the cap
+        s = pwfn_scale(w, base)
+        assert s.dtype == torch.float64
+        raw = base * d / torch.quantile(d, 0.75)
+        assert torch.allclose(s, raw.clamp(PWFN_MIN_SCALE, PWFN_MAX_SCALE), rtol=1e-5)
+    assert bool(((pwfn_scale(w, 1.0) - PWFN_MAX_SCALE).abs() < 1e-8).any())  # capped
+
+
+# --------------------------------------------------------------------------- codes and bytes
+
+
+def test_encode_finds_the_nearest_level_of_each_rows_own_codebook():
+    """Per-row codebooks (one per output channel), unsorted, two widths: every code is the
+    nearest level of its row's codebook of its width, found here by brute force."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, cols in [(2, 41), (3, 41)]:  # an odd count of weights
+        codebooks = {1: torch.randn(rows, 2, generator=gen),
+                     2: torch.randn(rows, 4, generator=gen)}
+        shared = {1: codebooks[1][:1], 2: codebooks[2][:1]}  # one codebook for every row
+        bits = torch.randint(1, 3, (rows, cols), generator=gen).to(torch.uint8)
+        w = torch.randn(rows, cols, generator=gen)
+        for books, row_of in [(codebooks, lambda r: r), (shared, lambda r: 0)]:
+            layer = QuantizedLayer(torch.zeros(rows, cols, dtype=torch.uint8), bits, books)
+            codes = layer.encode(w)
+            for r in range(rows):
+                for c in range(cols):
+                    levels = books[int(bits[r, c])][row_of(r)]
+                    assert int(codes[r, c]) == int((levels - w[r, c]).abs().argmin())
+
+
+def spread_posterior() -> pqnet.Posterior:
+    """One 20x30 Linear layer, random means, sds spread over three decades."""
+    gen = torch.Generator().manual_seed(0)
+    module = nn.Linear(30, 20)
+    scale = 10 ** (-3 + 3 * torch.rand(20, 30, generator=gen))
+    return pqnet.Posterior({"weight": module.weight.detach().clone()}, {"weight": scale},
+                           {"": LayerInfo("", "Linear", (20, 30), 30, True)}, module)
+
+
+def test_a_pruned_grid_layer_keeps_its_scales_not_a_table():
+    """A grid quantizer's codebook is written as its scale (4 bytes); pruning adds width 0 and
+    must not turn the grid into a 16-entry table."""
+    posterior = spread_posterior()
+    plain = pqnet.quantize(posterior, "uniform", bits=4)
+    pruned = pqnet.quantize(posterior, "uniform", bits=4, prune=0.95)
+    layer = pruned.layers[""]
+    assert 0 < int((layer.bits == 0).sum()) < 600
+    assert set(layer.scales) == {0, 4}
+    assert torch.equal(layer.scales[4], plain.layers[""].scales[4])
+    assert pruned.sizes["codebooks"] == plain.sizes["codebooks"] == 4
+
+
+def test_summary_names_each_layers_weight():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    posterior = pqnet.Posterior(
+        {f"{i}.weight": net[i].weight.detach().clone() for i in (0, 2)},
+        {f"{i}.weight": torch.full_like(net[i].weight, 0.1) for i in (0, 2)},
+        {str(i): LayerInfo(str(i), "Linear", tuple(net[i].weight.shape), net[i].weight.numel(),
+                           True) for i in (0, 2)}, net)
+    rows = pqnet.quantize(posterior, "uniform", bits=2).summary()
+    assert [(r["layer"], r["weight"]) for r in rows] == [("0", "0.weight"), ("2", "2.weight")]
+
+
+def test_kmeans_k_bounds_and_default_seed():
+    posterior = spread_posterior()
+    assert pqnet.quantize(posterior, "kmeans", k=2).layers[""].codebooks[1].numel() == 2
+    assert pqnet.quantize(posterior, "kmeans", k=256).layers[""].codebooks[8].numel() == 256
+    for bad in (1, 257):
+        with pytest.raises(ValueError, match="^k: "):
+            pqnet.quantize(posterior, "kmeans", k=bad)
+    assert pqnet.quantize(posterior, "kmeans", k=4).config == {
+        "k": 4, "avg_bits": None, "init": "linear", "seed": 0}  # the defaults, recorded
+    # k-means++ is honoured (from its own start Lloyd ends in another local optimum)
+    plus = pqnet.quantize(posterior, "kmeans", k=16, init="k-means++", seed=0)
+    assert plus.config["init"] == "k-means++"
+    assert not torch.equal(plus.weights()["weight"],
+                           pqnet.quantize(posterior, "kmeans", k=16).weights()["weight"])
+    # a layer with fewer distinct means than k: one centre per value, and the bits that need
+    few = spread_posterior()
+    few.loc["weight"] = torch.tensor([-0.5, 0.0, 0.25]).repeat(200).reshape(20, 30)
+    layer = pqnet.quantize(few, "kmeans", k=16).layers[""]
+    assert layer.widths == [2]
+    assert sorted(layer.values().unique().tolist()) == [-0.5, 0.0, 0.25]

@@ -55,9 +55,9 @@ def kmeans(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
 
 def _cluster(mu: torch.Tensor, k: int, init: str, seed: int) -> QuantizedLayer:
     x = mu.reshape(-1, 1).double().numpy()
-    k = min(k, len(np.unique(x)))
-    if k == 1:
-        centres = np.unique(x)
+    distinct = np.unique(x)
+    if len(distinct) <= k:  # every value its own centre, exactly (Lloyd's means round)
+        centres = distinct
     else:
         start = np.linspace(x.min(), x.max(), k)[:, None] if init == "linear" else init
         with warnings.catch_warnings():  # near-duplicate means may leave a cluster empty
