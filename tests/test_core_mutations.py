@@ -635,6 +635,9 @@ def test_kmeans_k_bounds_and_default_seed():
             pqnet.quantize(posterior, "kmeans", k=bad)
     assert pqnet.quantize(posterior, "kmeans", k=4).config == {
         "k": 4, "avg_bits": None, "init": "linear", "seed": 0}  # the defaults, recorded
+    from pqnet.quantize.kmeans import kmeans
+
+    assert kmeans(posterior, k=4).config["seed"] == 0  # the function's own default too
     # k-means++ is honoured (from its own start Lloyd ends in another local optimum)
     plus = pqnet.quantize(posterior, "kmeans", k=16, init="k-means++", seed=0)
     assert plus.config["init"] == "k-means++"
