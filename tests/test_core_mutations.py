@@ -615,14 +615,19 @@ def test_a_pruned_grid_layer_keeps_its_scales_not_a_table():
     assert pruned.sizes["codebooks"] == plain.sizes["codebooks"] == 4
 
 
-def test_summary_names_each_layers_weight():
-    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-    posterior = pqnet.Posterior(
+def mlp_posterior(hidden: int = 6) -> pqnet.Posterior:
+    """A 4-hidden-2 MLP's posterior: its weights as means, sd 0.1."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    return pqnet.Posterior(
         {f"{i}.weight": net[i].weight.detach().clone() for i in (0, 2)},
         {f"{i}.weight": torch.full_like(net[i].weight, 0.1) for i in (0, 2)},
-        {str(i): LayerInfo(str(i), "Linear", tuple(net[i].weight.shape), net[i].weight.numel(),
+        {str(i): LayerInfo(str(i), "Linear", tuple(net[i].weight.shape), net[i].in_features,
                            True) for i in (0, 2)}, net)
-    rows = pqnet.quantize(posterior, "uniform", bits=2).summary()
+
+
+def test_summary_names_each_layers_weight():
+    rows = pqnet.quantize(mlp_posterior(), "uniform", bits=2).summary()
     assert [(r["layer"], r["weight"]) for r in rows] == [("0", "0.weight"), ("2", "2.weight")]
 
 
@@ -641,6 +646,12 @@ def test_kmeans_k_bounds_and_default_seed():
     # k-means++ is honoured (from its own start Lloyd ends in another local optimum)
     plus = pqnet.quantize(posterior, "kmeans", k=16, init="k-means++", seed=0)
     assert plus.config["init"] == "k-means++"
+    from sklearn.cluster import KMeans  # one k-means++ run (n_init=1), as documented
+
+    x = posterior.loc["weight"].reshape(-1, 1).double().numpy()
+    one_run = KMeans(16, init="k-means++", n_init=1, random_state=0).fit(x).cluster_centers_
+    assert torch.allclose(plus.layers[""].codebooks[4][0],
+                          torch.from_numpy(np.sort(one_run[:, 0])).float())
     assert not torch.equal(plus.weights()["weight"],
                            pqnet.quantize(posterior, "kmeans", k=16).weights()["weight"])
     # a layer with fewer distinct means than k: one centre per value, and the bits that need
@@ -649,3 +660,81 @@ def test_kmeans_k_bounds_and_default_seed():
     layer = pqnet.quantize(few, "kmeans", k=16).layers[""]
     assert layer.widths == [2]
     assert sorted(layer.values().unique().tolist()) == [-0.5, 0.0, 0.25]
+
+
+def test_load_names_a_module_of_another_layout(tmp_path):
+    path = pqnet.quantize(mlp_posterior(), "uniform", bits=2).save(tmp_path / "q.pqn")
+    with pytest.raises(ValueError, match="^module: does not fit the network stored in"):
+        QuantizedNet.load(path, module=mlp_posterior(hidden=5).module)
+    assert QuantizedNet.load(path, module=mlp_posterior().module).size_bytes == \
+        path.stat().st_size
+
+
+def test_uniform_per_channel_grids_by_hand():
+    """``q(mu) = m (-1 + 2j / (2^b - 1))``, ``m = max|mu|`` of the row with ``per_channel``."""
+    from pqnet.quantize.uniform import uniform
+
+    posterior = mlp_posterior()
+    mu = posterior.loc["0.weight"]
+    for per_channel in (False, True):
+        qnet = uniform(posterior, bits=2, per_channel=per_channel)
+        assert qnet.config == {"bits": 2, "avg_bits": None, "per_channel": per_channel,
+                               "seed": 0}
+        m = mu.abs().amax(1, keepdim=True) if per_channel else mu.abs().max()
+        j = torch.round((mu / m + 1) * 3 / 2)
+        assert torch.allclose(qnet.weights()["0.weight"], m * (-1 + 2 * j / 3), atol=1e-6)
+    with pytest.raises(ValueError, match="^per_channel: "):
+        uniform(posterior, bits=2, per_channel="yes")
+
+
+# --------------------------------------------------------------------------- drawn weights
+
+
+def test_a_drawn_weight_is_loc_plus_eps_times_scale():
+    from pqnet.bnn.layers import Drawn
+
+    loc, scale = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
+    eps = torch.tensor([2.0, -1.0])
+    assert torch.equal(Drawn(loc, scale, eps).value(), torch.tensor([2.0, -5.0]))
+    assert torch.equal(Drawn(loc).value(), loc)  # no scale: no noise
+    assert torch.equal(Drawn(loc, scale).variance(), torch.tensor([0.25, 9.0]))
+    var = torch.tensor([7.0, 8.0])  # a caller's own variance is used as given
+    assert Drawn(loc, scale, var=var).variance() is var
+
+
+def test_linear_samples_preactivations_only_for_2d_inputs():
+    """Local reparameterisation draws each example's pre-activations independently: right for
+    a batch of vectors, wrong for a sequence, whose tokens share one weight draw. So tokens
+    that are equal give equal outputs; a (B, d) batch of equal rows does not."""
+    from pqnet.bnn.layers import Drawn, drawn
+
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(nn.Linear(3, 4), init_scale=0.5)
+    layer = bnn.net
+    weights = {layer: {"weight": Drawn(torch.ones(4, 3), torch.full((4, 3), 0.5)),
+                       "bias": Drawn(torch.zeros(4), torch.full((4,), 0.5))}}
+    with drawn(weights, local_reparam=True), torch.no_grad():
+        tokens = layer(torch.ones(2, 5, 3))  # two sequences of five equal tokens
+        rows = layer(torch.ones(5, 3))  # five equal examples
+    assert torch.equal(tokens[:, :1].expand(-1, 5, -1), tokens)
+    assert not torch.equal(rows[:1].expand(5, -1), rows)
+    # a bias given without noise (a mean) next to a noisy weight: the pre-activation's mean
+    # is loc x + bias and its variance sum_i x_i^2 s_i^2 = 3 * 0.25
+    weights[layer]["bias"] = Drawn(torch.full((4,), 2.0))
+    with drawn(weights, local_reparam=True), torch.no_grad():
+        out = layer(torch.ones(20_000, 3))
+    assert float(out.mean()) == pytest.approx(5.0, abs=0.02)
+    assert float(out.var()) == pytest.approx(0.75, rel=0.03)
+
+
+def test_the_elbo_averages_its_particles():
+    """``num_particles`` draws average the likelihood term, not add it up: with (near)
+    noiseless weights every particle gives the same NLL, so the loss does not depend on it."""
+    from pqnet.inference.elbo import MeanFieldELBO
+
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(nn.Linear(4, 3), init_scale=1e-8)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    one = float(MeanFieldELBO(bnn, num_particles=1)(x, y, 60))
+    three = float(MeanFieldELBO(bnn, num_particles=3)(x, y, 60))
+    assert three == pytest.approx(one, rel=1e-5)
