@@ -739,3 +739,16 @@ def test_the_elbo_averages_its_particles():
     one = float(MeanFieldELBO(bnn, num_particles=1)(x, y, 60))
     three = float(MeanFieldELBO(bnn, num_particles=3)(x, y, 60))
     assert three == pytest.approx(one, rel=1e-5)
+
+
+def test_the_model_conditioned_on_weights_uses_exactly_those():
+    """``poutine.condition`` (as Pyro's ``Predictive`` does with posterior samples) makes the
+    weight sites observed: the layer must use the given weights, not a pre-activation draw."""
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(nn.Linear(3, 2), init_scale=0.5)
+    assert bnn.local_reparam
+    w, b = torch.randn(2, 3), torch.randn(2)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        out = pyro.poutine.condition(bnn, data={"net.weight": w, "net.bias": b})(x)
+    assert torch.allclose(out, nn.functional.linear(x, w, b), atol=1e-6)
