@@ -310,6 +310,11 @@ def test_classification_metrics_by_hand():
     # wrong; 0.7 -> (10/15, 11/15] correct: |1-.9| + |0-.6| + |0-.8| + |1-.7| over 4
     assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.8 + 0.3) / 4, abs=1e-6)
     assert m["mutual_information"] == 0.0
+    # the default is 15 bins: 0.935 and 0.99 share (14/15, 1] (with 16 they would not):
+    # |1/2 - (0.935 + 0.99) / 2|
+    near = torch.tensor([[0.935, 0.065], [0.99, 0.01]])
+    assert classification_metrics(near, torch.tensor([1, 0]), entropy(near))["ece"] == \
+        pytest.approx(0.4625, abs=1e-6)
     # the bin is the confidence's: two predictions in one bin average before the |gap|
     both = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
     assert expected_calibration_error(both, torch.tensor([0, 1])) == pytest.approx(0.25)
