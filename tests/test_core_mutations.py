@@ -757,3 +757,41 @@ def test_the_model_conditioned_on_weights_uses_exactly_those():
     with torch.no_grad():
         out = pyro.poutine.condition(bnn, data={"net.weight": w, "net.bias": b})(x)
     assert torch.allclose(out, nn.functional.linear(x, w, b), atol=1e-6)
+
+
+def test_drawn_weights_keep_every_option_of_embeddings_and_convolutions():
+    """On handed-in weights a Bayesian Embedding / Conv computes what the plain layer computes
+    with them: padding row, max_norm (in norm_type), per-frequency gradient scaling, sparse
+    gradients; the convolution's bias."""
+    from pqnet.bnn.layers import Drawn, drawn
+
+    torch.manual_seed(0)
+    x = torch.tensor([[0, 2, 2, 4]])
+    for sparse in (False, True):  # torch has no sparse gradient scaled by frequency
+        options = {"padding_idx": 0, "max_norm": 1.0, "norm_type": 1.0,
+                   "scale_grad_by_freq": not sparse, "sparse": sparse}
+        layer = pqnet.bayesian(nn.Sequential(nn.Embedding(5, 3, **options)),
+                               embeddings=True).net[0]
+        loc = 3 * torch.randn(5, 3)
+        mine, ref = loc.clone().requires_grad_(), loc.clone().requires_grad_()
+        with drawn({layer: {"weight": Drawn(mine)}}, local_reparam=True):
+            out = layer(x)
+        expected = nn.functional.embedding(x, ref, **options)
+        assert torch.equal(out, expected)
+        assert torch.equal(mine.detach(), ref.detach())  # max_norm renormalised both alike
+        assert float(ref.detach()[2].abs().sum()) == pytest.approx(1.0)  # to L1 norm 1
+        (out * torch.arange(3.0)).sum().backward()
+        (expected * torch.arange(3.0)).sum().backward()
+        assert mine.grad.is_sparse == ref.grad.is_sparse == sparse
+        grad = ref.grad.to_dense()
+        assert torch.equal(mine.grad.to_dense(), grad)
+        assert torch.equal(grad[0], torch.zeros(3))  # the padding row learns nothing
+        # index 2 is seen twice: its gradient is summed, or averaged when scaled by frequency
+        assert torch.equal(grad[2], torch.arange(3.0) * (2 if sparse else 1))
+
+    conv = pqnet.bayesian(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1))).net[0]
+    w, b = torch.randn(3, 2, 3, 3), torch.randn(3)
+    x = torch.randn(1, 2, 5, 5)
+    with drawn({conv: {"weight": Drawn(w), "bias": Drawn(b)}}, local_reparam=True):
+        out = conv(x)
+    assert torch.allclose(out, nn.functional.conv2d(x, w, b, padding=1), atol=1e-6)
