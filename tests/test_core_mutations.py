@@ -795,3 +795,23 @@ def test_drawn_weights_keep_every_option_of_embeddings_and_convolutions():
     with drawn({conv: {"weight": Drawn(w), "bias": Drawn(b)}}, local_reparam=True):
         out = conv(x)
     assert torch.allclose(out, nn.functional.conv2d(x, w, b, padding=1), atol=1e-6)
+
+
+def test_the_model_samples_preactivations_per_example_and_honours_a_given_bias():
+    """Under Pyro (the model run by itself, or conditioned as ``Predictive`` does) a Bayesian
+    Linear with 2-d inputs draws each example's pre-activation on its own, the random bias's
+    noise included; a bias that is given (observed) is used as it is."""
+    torch.manual_seed(0)
+    for random_bias in (True, False):
+        bnn = pqnet.bayesian(nn.Linear(3, 2), init_scale=0.5, bias=random_bias)
+        x = torch.zeros(8, 3) if random_bias else torch.ones(8, 3)  # eight equal examples
+        with torch.no_grad():
+            out = bnn(x)
+        assert float((out - out[:1]).abs().max()) > 1e-3  # not one draw shared by all
+    bnn = pqnet.bayesian(nn.Linear(3, 2), init_scale=0.5)
+    b, x = torch.tensor([5.0, -5.0]), torch.randn(4, 3)
+    with torch.no_grad():
+        trace = pyro.poutine.trace(pyro.poutine.condition(bnn, data={"net.bias": b})).get_trace(x)
+    w = trace.nodes["net.weight"]["value"]
+    assert torch.allclose(trace.nodes["_RETURN"]["value"], nn.functional.linear(x, w, b),
+                          atol=1e-6)
