@@ -815,3 +815,20 @@ def test_the_model_samples_preactivations_per_example_and_honours_a_given_bias()
     w = trace.nodes["net.weight"]["value"]
     assert torch.allclose(trace.nodes["_RETURN"]["value"], nn.functional.linear(x, w, b),
                           atol=1e-6)
+
+
+def test_a_guide_by_itself_and_the_relative_initial_scale():
+    """The guide is a Pyro guide on its own (no BNN around it): unit KL weight, no handler;
+    ``init_scale="relative"`` starts each sd at 0.1 |w| (at least 1e-6)."""
+    from pqnet.bnn.guide import MeanFieldNormalGuide, initial_scale
+
+    guide = MeanFieldNormalGuide({"a.w": torch.tensor([1.0, -2.0])},
+                                 {"a.w": torch.tensor([0.5, 0.25])})
+    assert guide.kl_weight == 1.0
+    trace = pyro.poutine.trace(guide).get_trace()
+    assert trace.nodes["a.w"]["scale"] == 1.0
+    assert trace.nodes["a.w"]["fn"].base_dist.scale.tolist() == pytest.approx([0.5, 0.25])
+    w = torch.tensor([2.0, -0.5, 0.0])
+    assert initial_scale(w, "relative").tolist() == pytest.approx([0.2, 0.05, 1e-6])
+    with pytest.raises(ValueError, match="^init_relative_scale: "):
+        initial_scale(w, "relative", relative=0.0)
