@@ -315,6 +315,8 @@ def test_classification_metrics_by_hand():
     near = torch.tensor([[0.935, 0.065], [0.99, 0.01]])
     assert classification_metrics(near, torch.tensor([1, 0]), entropy(near))["ece"] == \
         pytest.approx(0.4625, abs=1e-6)
+    assert expected_calibration_error(near, torch.tensor([1, 0])) == pytest.approx(0.4625,
+                                                                                   abs=1e-6)
     # the bin is the confidence's: two predictions in one bin average before the |gap|
     both = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
     assert expected_calibration_error(both, torch.tensor([0, 1])) == pytest.approx(0.25)
@@ -832,3 +834,13 @@ def test_a_guide_by_itself_and_the_relative_initial_scale():
     assert initial_scale(w, "relative").tolist() == pytest.approx([0.2, 0.05, 1e-6])
     with pytest.raises(ValueError, match="^init_relative_scale: "):
         initial_scale(w, "relative", relative=0.0)
+
+
+def test_to_module_is_the_callers_own_copy():
+    qnet = pqnet.quantize(mlp_posterior(), "uniform", bits=2)
+    before = qnet.weights()["0.weight"].clone()
+    module = qnet.to_module()
+    with torch.no_grad():
+        module[0].weight.add_(1.0)  # e.g. the caller fine-tunes it
+    assert torch.equal(qnet.weights()["0.weight"], before)
+    assert torch.equal(qnet.to_module()[0].weight, before)
