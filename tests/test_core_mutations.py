@@ -317,6 +317,12 @@ def test_classification_metrics_by_hand():
         pytest.approx(0.4625, abs=1e-6)
     assert expected_calibration_error(near, torch.tensor([1, 0])) == pytest.approx(0.4625,
                                                                                    abs=1e-6)
+    # with 20 classes a confidence can be below 1/15: 0.05 falls in the first bin, (0, 1/15],
+    # 0.1 in the second; a wrong 0.05 and a right 0.1 give (0.05 + 0.9) / 2
+    low = torch.full((2, 20), 0.9 / 19)
+    low[0] = 0.05
+    low[1] = torch.where(torch.arange(20) == 3, 0.1, 0.9 / 19)
+    assert expected_calibration_error(low, torch.tensor([1, 3])) == pytest.approx(0.475, abs=1e-6)
     # the bin is the confidence's: two predictions in one bin average before the |gap|
     both = torch.tensor([[0.75, 0.25], [0.75, 0.25]])
     assert expected_calibration_error(both, torch.tensor([0, 1])) == pytest.approx(0.25)
