@@ -850,3 +850,24 @@ def test_to_module_is_the_callers_own_copy():
         module[0].weight.add_(1.0)  # e.g. the caller fine-tunes it
     assert torch.equal(qnet.weights()["0.weight"], before)
     assert torch.equal(qnet.to_module()[0].weight, before)
+
+
+def test_grid_scales_and_layers_by_hand():
+    """The half-range of a grid: ``mean|w|`` at 1 bit, ``max|w|`` above, over the tensor by
+    default or per row; a layer's widths are uint8 whatever integer type they came in; with
+    posterior sds the grid clips an outlier that its wide posterior says is cheap to move."""
+    from pqnet.quantize.grids import grid_layer, grid_scale
+
+    w = torch.tensor([[1.0, -3.0, 2.0], [0.5, 0.5, -0.5]])
+    assert grid_scale(w, 1).tolist() == pytest.approx([7.5 / 6])
+    assert grid_scale(w, 3).tolist() == [3.0]
+    assert grid_scale(w, 1, per_channel=True).tolist() == pytest.approx([2.0, 0.5])
+    assert grid_scale(w, 3, per_channel=True).tolist() == [3.0, 0.5]
+    layer = grid_layer(w, 2)
+    assert layer.bits.dtype == torch.uint8 and layer.codebooks[2].shape == (1, 4)  # one grid
+    assert layer.scales[2].tolist() == [3.0]
+    wide = grid_layer(w, torch.tensor([[2, 2, 3], [3, 2, 2]]))  # int64 widths
+    assert wide.bits.dtype == torch.uint8 and wide.widths == [2, 3]
+    sigma = torch.tensor([[0.01, 10.0, 0.01], [0.01, 0.01, 0.01]])  # -3.0 is nearly free
+    clipped = grid_layer(w, 3, sigma=sigma)
+    assert float(clipped.scales[3]) == float(grid_scale(w, 3, sigma=sigma)) < 3.0
