@@ -871,3 +871,44 @@ def test_grid_scales_and_layers_by_hand():
     sigma = torch.tensor([[0.01, 10.0, 0.01], [0.01, 0.01, 0.01]])  # -3.0 is nearly free
     clipped = grid_layer(w, 3, sigma=sigma)
     assert float(clipped.scales[3]) == float(grid_scale(w, 3, sigma=sigma)) < 3.0
+
+
+def _most_probable_half_range(w: torch.Tensor, sigma: torch.Tensor, bits: int) -> float:
+    """``argmin_m sum_i ((q_m(w_i) - w_i) / sigma_i)^2`` over ``m = t max|w|``, ``t`` on the
+    library's grid of clip fractions, each ``q_m`` the nearest of ``m (-1 + 2j / (2^b - 1))``
+    (by brute force over the levels)."""
+    from pqnet.quantize.grids import CLIP_FRACTIONS
+
+    best, best_error = None, math.inf
+    for t in CLIP_FRACTIONS.tolist():
+        m = t * float(w.abs().max())
+        levels = torch.tensor([m * (-1 + 2 * j / (2 ** bits - 1)) for j in range(2 ** bits)])
+        q = levels[(w.reshape(-1, 1) - levels).abs().argmin(1)]
+        error = float((((q - w.reshape(-1)) / sigma.reshape(-1)) ** 2).sum())
+        if error < best_error - 1e-9:
+            best, best_error = m, error
+    return best
+
+
+def test_the_posteriors_most_probable_grid_by_hand():
+    """``grid_scale`` with posterior sds (the grid under which the rounded means are most
+    probable): at 1 bit ``m = sum |w| / sigma^2 / sum sigma^-2``; above, the best clip fraction,
+    here found by brute force; per row with ``per_channel``."""
+    from pqnet.quantize.grids import grid_layer, grid_scale
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 12, generator=gen) * torch.tensor([[1.0], [4.0]])
+    sigma = 10 ** (-2 + 2 * torch.rand(2, 12, generator=gen))
+    p = sigma ** -2
+    assert grid_scale(w, 1, sigma=sigma).tolist() == pytest.approx(
+        [float((w.abs() * p).sum() / p.sum())], rel=1e-5)
+    assert grid_scale(w, 1, per_channel=True, sigma=sigma).tolist() == pytest.approx(
+        ((w.abs() * p).sum(1) / p.sum(1)).tolist(), rel=1e-5)
+    for bits in (2, 3):
+        assert grid_scale(w, bits, sigma=sigma).tolist() == pytest.approx(
+            [_most_probable_half_range(w, sigma, bits)], rel=1e-5)
+        assert grid_scale(w, bits, per_channel=True, sigma=sigma).tolist() == pytest.approx(
+            [_most_probable_half_range(w[r], sigma[r], bits) for r in range(2)], rel=1e-5)
+    # an all-zero row keeps the grid of half-range 0: every one of its weights is 0
+    zero_row = grid_layer(torch.stack([torch.zeros(12), w[1]]), 2, per_channel=True)
+    assert torch.equal(zero_row.values()[0], torch.zeros(12))
