@@ -912,3 +912,6 @@ def test_the_posteriors_most_probable_grid_by_hand():
     # an all-zero row keeps the grid of half-range 0: every one of its weights is 0
     zero_row = grid_layer(torch.stack([torch.zeros(12), w[1]]), 2, per_channel=True)
     assert torch.equal(zero_row.values()[0], torch.zeros(12))
+    # ... and codes of a well-defined rounding (w / m read as 0, the grid's middle), not of
+    # 0 / 0 cast to an integer
+    assert zero_row.codes[0].tolist() == [round(1.5)] * 12
