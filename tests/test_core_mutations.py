@@ -915,3 +915,29 @@ def test_the_posteriors_most_probable_grid_by_hand():
     # ... and codes of a well-defined rounding (w / m read as 0, the grid's middle), not of
     # 0 / 0 cast to an integer
     assert zero_row.codes[0].tolist() == [round(1.5)] * 12
+
+
+def test_priors_by_name_and_their_bad_values():
+    from pqnet.bnn.priors import FanInPrior, make_prior
+
+    assert make_prior("fan_in") == make_prior("fan-in") == FanInPrior()  # either spelling
+    assert FanInPrior().scale_for(1) == pytest.approx(math.sqrt(2))  # gain / sqrt(1)
+    assert FanInPrior().scale_for(0) == pytest.approx(math.sqrt(2))  # no inputs: as one
+    assert FanInPrior(1.0).scale_for(16) == 0.25
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="^prior: gain must be a positive finite"):
+            FanInPrior(bad)
+
+
+def test_grid_quantize_passes_its_options_to_the_scale():
+    from pqnet.quantize.grids import grid_quantize, grid_scale
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 8, generator=gen)
+    sigma = 10 ** (-2 + 2 * torch.rand(3, 8, generator=gen))
+    for per_channel in (False, True):
+        for s in (None, sigma):
+            _, _, scale = grid_quantize(w, 2, per_channel, s)
+            assert torch.equal(scale, grid_scale(w, 2, per_channel, s))
+    assert grid_quantize(w, 2, True, sigma)[2].shape == (3,)
+    assert not torch.equal(grid_quantize(w, 2, False, sigma)[2], grid_quantize(w, 2)[2])
