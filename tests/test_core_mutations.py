@@ -317,6 +317,10 @@ def test_classification_metrics_by_hand():
         pytest.approx(0.4625, abs=1e-6)
     assert expected_calibration_error(near, torch.tensor([1, 0])) == pytest.approx(0.4625,
                                                                                    abs=1e-6)
+    # num_bins reaches the ECE: with 2 bins a wrong 0.6 and a right 0.9 pool, |1/2 - 0.75|
+    pooled = torch.tensor([[0.6, 0.4], [0.9, 0.1]])
+    assert classification_metrics(pooled, torch.tensor([1, 0]), entropy(pooled),
+                                  num_bins=2)["ece"] == pytest.approx(0.25, abs=1e-6)
     # with 20 classes a confidence can be below 1/15: 0.05 falls in the first bin, (0, 1/15],
     # 0.1 in the second; a wrong 0.05 and a right 0.1 give (0.05 + 0.9) / 2
     low = torch.full((2, 20), 0.9 / 19)
@@ -941,3 +945,43 @@ def test_grid_quantize_passes_its_options_to_the_scale():
             assert torch.equal(scale, grid_scale(w, 2, per_channel, s))
     assert grid_quantize(w, 2, True, sigma)[2].shape == (3,)
     assert not torch.equal(grid_quantize(w, 2, False, sigma)[2], grid_quantize(w, 2)[2])
+
+
+def test_a_quantized_layer_refuses_inconsistent_parts():
+    """Each rule of a layer's consistency, one broken at a time (the reader and every
+    quantizer rely on them)."""
+    codes, bits = torch.tensor([[0, 1], [2, 3]], dtype=torch.uint8), torch.full((2, 2), 2,
+                                                                                dtype=torch.uint8)
+    good = {2: torch.tensor([[-1.0, -0.3, 0.3, 1.0]])}
+    QuantizedLayer(codes, bits, good)  # consistent
+    QuantizedLayer(codes, bits, {2: torch.zeros(2, 4)})  # one codebook per row is fine
+    QuantizedLayer(codes[:1, :1], bits[:1, :1], good)  # a single weight is a layer
+    cases = [
+        ((codes.long(), bits, good), "^codes, bits: expected uint8"),
+        ((codes, bits.long(), good), "^codes, bits: expected uint8"),
+        ((codes, bits[:1], good), "^bits: shape"),
+        ((codes[:0], bits[:0], good), "^bits: shape"),
+        ((codes, bits, {2: good[2].double()}), "^codebooks: the 2-bit codebook"),
+        ((codes, bits, {2: good[2][0]}), "^codebooks: the 2-bit codebook"),
+        ((codes, bits, {2: torch.zeros(3, 4)}), "^codebooks: the 2-bit codebook"),
+        ((codes, bits, {2: torch.zeros(1, 5)}), "^codebooks: the 2-bit codebook"),
+        ((codes, bits, {2: torch.zeros(1, 9)}), "^codebooks: the 2-bit codebook"),  # 9 > 2^2
+        ((codes, bits, {2: torch.zeros(1, 3)}), "^codes: a 2-bit code exceeds"),  # code 3
+        ((torch.zeros(2, 2, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.uint8),
+          {0: torch.ones(1, 1)}), "^codebooks: the 0-bit"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            QuantizedLayer(*args)
+
+
+def test_make_likelihood_by_name():
+    from pqnet.bnn.likelihoods import Categorical, Gaussian, make_likelihood
+
+    assert isinstance(make_likelihood("categorical"), Categorical)
+    for name in ("normal", "gaussian"):
+        lik = make_likelihood(name)
+        assert isinstance(lik, Gaussian) and float(lik.noise) == 1.0 and not lik.learn_noise
+    assert make_likelihood("normal", 0.5, learn_noise=True).learn_noise is True
+    with pytest.raises(ValueError, match="^likelihood: unknown name"):
+        make_likelihood("poisson")
