@@ -29,8 +29,8 @@ def kmeans(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     ``sum_j sum_{mu_i in C_j} |mu_i - c_j|^2`` over ``k`` clusters per layer and replace every
     weight by its centre; codes take ``ceil(log2 k)`` bits. Centres start evenly spaced over
     ``[min mu, max mu]`` (``init="linear"``, the paper's best) or by k-means++ seeded with
-    ``seed``; one run (``n_init=1``). A layer with fewer than ``k`` distinct means gets one
-    centre per distinct value (and the fewer bits that need).
+    ``seed``; one run (``n_init=1``). A layer with at most ``k`` distinct means gets one
+    centre per distinct value, exactly (and the fewer bits that need).
 
     Parameters
     ----------
