@@ -985,3 +985,22 @@ def test_make_likelihood_by_name():
     assert make_likelihood("normal", 0.5, learn_noise=True).learn_noise is True
     with pytest.raises(ValueError, match="^likelihood: unknown name"):
         make_likelihood("poisson")
+
+
+def test_a_posterior_refuses_bad_sds_and_keeps_its_copies(tmp_path):
+    from pqnet.inference.posterior import Posterior
+
+    post = mlp_posterior()
+    for bad in (0.0, math.inf):
+        scale = {k: v.clone() for k, v in post.scale.items()}
+        scale["0.weight"][0, 0] = bad
+        with pytest.raises(ValueError, match="^scale: 0.weight must be positive and finite"):
+            Posterior(post.loc, scale, post.layers, post.module)
+    assert post.sample(seed=0)["0.weight"].shape == (1, 6, 4)  # one draw by default
+    mean = post.mean_module()
+    with torch.no_grad():
+        mean[0].weight.add_(1.0)
+    assert torch.equal(post.mean_module()[0].weight, post.loc["0.weight"])
+    (tmp_path / "bad.pt").write_bytes(b"not a posterior")
+    with pytest.raises(ValueError, match="is not a readable pqnet posterior"):
+        Posterior.load(tmp_path / "bad.pt")
