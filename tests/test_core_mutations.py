@@ -40,6 +40,7 @@ from pqnet.diagnostics.analysis import (
 from pqnet.diagnostics.metrics import classification_metrics, entropy, expected_calibration_error
 from pqnet.quantize import QuantizedLayer, QuantizedNet
 from pqnet.quantize.budget import layer_posteriors, meet_budget, one_of
+from tests.test_compression import linear_posterior
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -610,19 +611,10 @@ def test_encode_finds_the_nearest_level_of_each_rows_own_codebook():
                     assert int(codes[r, c]) == int((levels - w[r, c]).abs().argmin())
 
 
-def spread_posterior() -> pqnet.Posterior:
-    """One 20x30 Linear layer, random means, sds spread over three decades."""
-    gen = torch.Generator().manual_seed(0)
-    module = nn.Linear(30, 20)
-    scale = 10 ** (-3 + 3 * torch.rand(20, 30, generator=gen))
-    return pqnet.Posterior({"weight": module.weight.detach().clone()}, {"weight": scale},
-                           {"": LayerInfo("", "Linear", (20, 30), 30, True)}, module)
-
-
 def test_a_pruned_grid_layer_keeps_its_scales_not_a_table():
     """A grid quantizer's codebook is written as its scale (4 bytes); pruning adds width 0 and
     must not turn the grid into a 16-entry table."""
-    posterior = spread_posterior()
+    posterior = linear_posterior(n_out=20, n_in=30)
     plain = pqnet.quantize(posterior, "uniform", bits=4)
     pruned = pqnet.quantize(posterior, "uniform", bits=4, prune=0.95)
     layer = pruned.layers[""]
@@ -649,7 +641,7 @@ def test_summary_names_each_layers_weight():
 
 
 def test_kmeans_k_bounds_and_default_seed():
-    posterior = spread_posterior()
+    posterior = linear_posterior(n_out=20, n_in=30)
     assert pqnet.quantize(posterior, "kmeans", k=2).layers[""].codebooks[1].numel() == 2
     assert pqnet.quantize(posterior, "kmeans", k=256).layers[""].codebooks[8].numel() == 256
     for bad in (1, 257):
@@ -673,7 +665,7 @@ def test_kmeans_k_bounds_and_default_seed():
     assert not torch.equal(plus.weights()["weight"],
                            pqnet.quantize(posterior, "kmeans", k=16).weights()["weight"])
     # a layer with fewer distinct means than k: one centre per value, and the bits that need
-    few = spread_posterior()
+    few = linear_posterior(n_out=20, n_in=30)
     few.loc["weight"] = torch.tensor([-0.5, 0.0, 0.25]).repeat(200).reshape(20, 30)
     layer = pqnet.quantize(few, "kmeans", k=16).layers[""]
     assert layer.widths == [2]
