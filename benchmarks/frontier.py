@@ -18,7 +18,7 @@ For each seed, on MNIST-5k (``../shared/data/mnist``) with LeNet-5:
 
 Selection: per family, the smallest file whose validation accuracy is at least the float
 net's minus 0.3 pp (500 validation images: one image is 0.2 pp, so this choice is noisy;
-the families get 7, 6 and 3 candidates). The float net's size is its raw state dict. The
+the families get 12, 6 and 3 candidates). The float net's size is its raw state dict. The
 chosen file's test accuracy, and McNemar tests on the 10k test images against brevitas
 2-bit and the chosen Deep Compression file, are reported. The posterior's
 ``KL(q || p)`` in kB is the information bound (a draw from ``q`` is codable in about KL nats:
@@ -53,7 +53,9 @@ from pqnet.quantize.codec import raw_bytes
 
 PQNET = [("sigma-code", {"code_bits": b}) for b in (0.75, 1.0, 1.5)] \
     + [("uniform", {"bits": b}) for b in (2, 3)] \
-    + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0)]
+    + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0)] \
+    + [("uniform", {"bits": b, "prune_fraction": f}) for b, f in
+       ((2, 0.8), (2, 0.9), (2, 0.95), (3, 0.9), (3, 0.95))]
 DEEP = [{"sparsity": s, "k": k} for s in (0.8, 0.9, 0.95) for k in (4, 16)]
 BREVITAS = (2, 3, 4)
 TOLERANCE = 0.003  # 0.3 pp below the float net's validation accuracy

@@ -62,6 +62,59 @@ def test_pruned_weights_stay_zero_through_finetuning():
     assert torch.equal(qnet.layers[""].bits == 0, pruned)
 
 
+def test_pruning_by_fraction_zeroes_the_smallest_means_over_the_whole_network():
+    from tests.test_core_mutations import mlp_posterior
+    posterior = mlp_posterior(hidden=10)  # a 10x4 and a 2x10 weight: 60 in all
+    mu = {p: posterior.loc[f"{p}.weight"] for p in ("0", "2")}
+    qnet = pqnet.quantize(posterior, "uniform", bits=4, prune_fraction=0.7)
+    ranked = torch.cat([m.abs().flatten() for m in mu.values()]).sort().values
+    threshold = ranked[60 - 18]  # the 18 = 0.3 * 60 largest are kept
+    unpruned = pqnet.quantize(posterior, "uniform", bits=4).weights()
+    for path, m in mu.items():
+        pruned = m.abs() < threshold
+        pruned &= m.abs() != m.abs().max()  # every layer keeps its largest weight
+        assert torch.equal(qnet.layers[path].bits == 0, pruned)
+        w = qnet.weights()[f"{path}.weight"]
+        assert bool((w[pruned] == 0).all())
+        assert torch.equal(w[~pruned], unpruned[f"{path}.weight"][~pruned])
+    assert qnet.config["prune"] == {"by": "magnitude", "asked": 0.7,
+                                    "fraction": pytest.approx(42 / 60)}
+
+
+def test_pruning_by_fraction_keeps_each_layers_largest_weight():
+    from tests.test_core_mutations import mlp_posterior
+    posterior = mlp_posterior(hidden=10)
+    qnet = pqnet.quantize(posterior, "uniform", bits=2, prune_fraction=0.99)
+    for layer in qnet.layers.values():
+        assert int((layer.bits > 0).sum()) >= 1
+    assert qnet.config["prune"]["fraction"] < 0.99
+
+
+def test_pruned_by_fraction_weights_stay_zero_through_finetuning(tmp_path):
+    posterior = linear_posterior()
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(256, 50, generator=gen),
+                         torch.randint(0, 40, (256,), generator=gen))
+    qnet = pqnet.quantize(posterior, "uniform", bits=2, prune_fraction=0.9, data=data,
+                          finetune_epochs=2, finetune_lr=1e-2)
+    zero = qnet.layers[""].bits == 0
+    assert int(zero.sum()) == 2000 - 200
+    assert bool((qnet.weights()["weight"][zero] == 0).all())
+    loaded = pqnet.QuantizedNet.load(qnet.save(tmp_path / "p.pqn"), module=posterior.module)
+    assert torch.equal(loaded.layers[""].codes, qnet.layers[""].codes)
+
+
+def test_two_pruning_rules_at_once_are_refused():
+    with pytest.raises(ValueError, match="prune, prune_fraction: give one pruning rule"):
+        pqnet.quantize(linear_posterior(), "uniform", bits=2, prune=0.9, prune_fraction=0.5)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, float("nan")])
+def test_a_pruning_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"prune_fraction: expected a number in \[0, 1\)"):
+        pqnet.quantize(linear_posterior(), "uniform", bits=2, prune_fraction=fraction)
+
+
 @pytest.mark.parametrize("level", [-0.1, 1.0, 1.5, float("nan"), "0.5"])
 def test_a_pruning_level_outside_0_1_is_refused(level):
     with pytest.raises(ValueError, match=r"prune: expected a number in \[0, 1\)"):

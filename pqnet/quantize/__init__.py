@@ -27,7 +27,8 @@ method                    rule                                            budget
 ========================= =============================================== ====================
 
 Every method also takes ``prune=c``: weights whose central ``c`` credible interval holds 0
-are then zeroed at width 0 (:mod:`pqnet.quantize.prune`).
+are then zeroed at width 0; or ``prune_fraction=f``: the fraction ``f`` of the weights with
+the smallest posterior means is (:mod:`pqnet.quantize.prune`).
 
 Note that ``pqnet.quantize`` is the function :func:`quantize`; import the rest from this
 package, e.g. ``from pqnet.quantize import METHODS, QuantizedNet``.
@@ -48,7 +49,7 @@ from .bayesian_compression import bayesian_compression
 from .deep_compression import deep_compression
 from .finetune import finetune
 from .kmeans import kmeans
-from .prune import bayesian_prune
+from .prune import bayesian_prune, magnitude_prune
 from .pwfn import pwfn
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 from .quantile_inform import quantile_inform
@@ -58,7 +59,8 @@ from .sigma_code import sigma_code
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
-           "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans", "pwfn",
+           "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans",
+           "magnitude_prune", "pwfn",
            "quantile_inform", "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform",
            "weight_name"]
 
@@ -89,15 +91,17 @@ def budget_keywords(method: str) -> list[str]:
 
 
 def quantize(posterior: Posterior, method: str, data: Dataset | None = None, seed: int = 0,
-             prune: float = 0.0, finetune_epochs: int = 0, finetune_lr: float = 1e-3,
-             **budget) -> QuantizedNet:
+             prune: float = 0.0, prune_fraction: float = 0.0, finetune_epochs: int = 0,
+             finetune_lr: float = 1e-3, **budget) -> QuantizedNet:
     """Quantize ``posterior`` with ``method`` (a name in :data:`METHODS`) at ``budget``.
 
     ``budget`` holds the method's own keywords (``bits=4``, ``avg_bits=3.0``, ``k=16``, ...);
     see the table in :mod:`pqnet.quantize` and each method's docstring for its exact rule
     and paper. ``data`` is passed to methods that use data; ``seed`` to every method. With
     ``prune = c`` in ``(0, 1)`` the weights whose central ``c`` credible interval holds zero
-    are then set to 0 (:func:`~pqnet.quantize.prune.bayesian_prune`). With
+    are then set to 0 (:func:`~pqnet.quantize.prune.bayesian_prune`); with
+    ``prune_fraction = f`` the fraction ``f`` of the weights with the smallest ``|mu|``
+    (:func:`~pqnet.quantize.prune.magnitude_prune`). With
     ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
     quantized forward pass, widths and codebooks fixed (:func:`~pqnet.quantize.finetune.
     finetune`, straight-through, posterior noise kept).
@@ -118,6 +122,10 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     finetune_epochs = _checks.int_in("finetune_epochs", finetune_epochs, 0, 10_000)
     finetune_lr = _checks.nonnegative_float("finetune_lr", finetune_lr)
     prune = _checks.fraction("prune", prune, closed_below=True)
+    prune_fraction = _checks.fraction("prune_fraction", prune_fraction, closed_below=True)
+    if prune and prune_fraction:
+        raise ValueError("prune, prune_fraction: give one pruning rule, a credible level or a "
+                         f"fraction, not both (got {prune} and {prune_fraction})")
     if finetune_epochs and method in RETRAINED:
         raise ValueError(f"finetune_epochs: {method} retrains its own network (see its "
                          "epochs options); fine-tuning would start again from the posterior")
@@ -125,8 +133,10 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     _say_unused(qnet, budget)
     if prune > 0:
         qnet = bayesian_prune(qnet, posterior, prune)
-        log.info("pruned %.1f %% of the weights at level %g", 100 * qnet.config["prune"]
-                 ["fraction"], prune)
+    if prune_fraction > 0:
+        qnet = magnitude_prune(qnet, posterior, prune_fraction)
+    if prune > 0 or prune_fraction > 0:
+        log.info("pruned %.1f %% of the weights", 100 * qnet.config["prune"]["fraction"])
     if finetune_epochs > 0:
         qnet = finetune(qnet, posterior, data, epochs=finetune_epochs, lr=finetune_lr,
                         seed=seed)

@@ -20,8 +20,6 @@ draws them from ``seed``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +31,7 @@ from ..inference.batching import batches, check_dataset
 from ..inference.plain import train_plain
 from ..inference.posterior import Posterior
 from .kmeans import _cluster
+from .prune import keep_largest
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 
 
@@ -65,7 +64,7 @@ def deep_compression(posterior: Posterior, *, data: Dataset | None = None, seed:
     gen = torch.Generator().manual_seed(seed)
     masks = {}
     for r in range(1, rounds + 1):
-        masks = _keep_largest({p: _weight(net, p) for p in paths}, 1 - sparsity * r / rounds)
+        masks = keep_largest({p: _weight(net, p) for p in paths}, 1 - sparsity * r / rounds)
         _retrain(net, data, masks, retrain_epochs, lr, batch_size, gen)
     shared = {p: _share(_weight(net, p), masks[p], k, seed) for p in paths}
     shared = _finetune_centres(net, data, shared, centre_epochs, lr, batch_size, gen)
@@ -78,14 +77,6 @@ def deep_compression(posterior: Posterior, *, data: Dataset | None = None, seed:
 def _weight(net: nn.Module, path: str) -> torch.Tensor:
     return net.get_submodule(path).weight
 
-
-def _keep_largest(weights: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
-    """True at the ``ceil(keep * n)`` largest ``|w|`` of all ``n`` weights together, and at
-    each layer's largest one (no layer is cut off)."""
-    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()])
-    threshold = flat.topk(max(1, math.ceil(keep * len(flat)))).values[-1]
-    return {p: (w.detach().abs() >= threshold) | (w.detach().abs() == w.detach().abs().max())
-            for p, w in weights.items()}
 
 
 def _retrain(net: nn.Module, data: Dataset, masks: dict[str, torch.Tensor], epochs: int,
