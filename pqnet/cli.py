@@ -266,11 +266,13 @@ DATA_FREE = ("uniform", "kmeans", "bayesian-compression", "sigma-bits", "quantil
 
 def _quantized_variants(run_dir: Path) -> list[tuple[str, float]]:
     """``(method, avg_bits)`` of each data-free ``pqnet quantize`` result in the run folder,
-    for the report to remake and compare beside its own versions."""
+    for the report to remake and compare beside its own versions (not the pruned or
+    fine-tuned ones: the report remakes a method at a budget, nothing more)."""
     variants = []
     for path in sorted(run_dir.glob("quantized/*/metrics.json")):
         found = load_json(path, "quantize metrics", *QUANTIZE_FORMAT)
-        if found["method"] in DATA_FREE:
+        if found["method"] in DATA_FREE and not found.get("pruning") \
+                and not found["finetune_epochs"]:
             variants.append((found["method"], round(found["avg_bits"], 4)))
     return variants
 
@@ -339,8 +341,9 @@ def _quantize(args: argparse.Namespace) -> None:
 
     budget = _budget(args)
     finetune_epochs = _checks.int_in("finetune_epochs", args.finetune_epochs, 0, 10_000)
+    pruning = {k: getattr(args, k) for k in ("prune", "prune_fraction") if getattr(args, k)}
     run = _run_metrics(args.run_dir)
-    label = "-".join([args.method, *(f"{k}{v}" for k, v in budget.items())])
+    label = "-".join([args.method, *(f"{k}{v}" for k, v in {**budget, **pruning}.items())])
     out = args.out if args.out is not None else args.run_dir / "quantized" / label
     _refuse_to_overwrite(out, ["qnet.pqn", "metrics.json"], args.overwrite, "--out")
     posterior = Posterior.load(args.run_dir / "posterior.pt")
@@ -349,14 +352,15 @@ def _quantize(args: argparse.Namespace) -> None:
              ", ".join(f"{k}={v}" for k, v in budget.items()) or "its defaults",
              finetune_epochs)
     qnet = quantize(posterior, args.method, data=train, seed=args.seed,
-                    finetune_epochs=finetune_epochs, **budget)
+                    finetune_epochs=finetune_epochs, **pruning, **budget)
 
     def write(folder: Path) -> None:
         path = qnet.save(folder / "qnet.pqn")
         loaded = QuantizedNet.load(path, module=posterior.module)  # scored as it was written
         log.info("saved %s (%d bytes); scoring the loaded copy on %d test examples",
                  out / "qnet.pqn", loaded.size_bytes, len(test))
-        result = {"method": args.method, "budget": budget, "finetune_epochs": finetune_epochs,
+        result = {"method": args.method, "budget": budget, "pruning": pruning,
+                  "finetune_epochs": finetune_epochs,
                   "seed": args.seed, "run_dir": str(args.run_dir.resolve()),
                   "data": run["data"], "size_bytes": loaded.size_bytes,
                   "bits_per_weight": loaded.bits_per_weight,
@@ -446,6 +450,10 @@ def _add_quantize_command(commands) -> None:
     cmd.add_argument("--q", type=float, help="the quantile of quantile-inform")
     cmd.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                      help="any other keyword of the method, e.g. threshold=1.25 (repeatable)")
+    cmd.add_argument("--prune", type=float, default=0.0, metavar="LEVEL",
+                     help="zero the weights whose central LEVEL credible interval holds 0")
+    cmd.add_argument("--prune-fraction", type=float, default=0.0, metavar="F",
+                     help="zero the fraction F of the weights with the smallest posterior means")
     cmd.add_argument("--finetune-epochs", type=int, default=0,
                      help="retrain the means under the quantized forward pass")
     cmd.add_argument("--data-dir", help="folder of the dataset (None: from metrics.json)")
@@ -589,10 +597,12 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
 
 def _as_typed(message: str, flags: dict[str, str]) -> str:
     """An error that starts with a library argument (``root: ...``) starts with the option
-    the user typed instead (``--data-dir: ...``)."""
-    name, sep, rest = message.partition(": ")
-    flag = flags.get(name) or ALIASES.get(name)
-    return f"{flag}: {rest}" if sep and flag and " " not in name else message
+    the user typed instead (``--data-dir: ...``); so does one that starts with several
+    (``prune, prune_fraction: ...``)."""
+    names, sep, rest = message.partition(": ")
+    typed = [flags.get(name) or ALIASES.get(name) for name in names.split(", ")]
+    plain = all(" " not in name for name in names.split(", "))
+    return f"{', '.join(typed)}: {rest}" if sep and all(typed) and plain else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -82,6 +82,23 @@ def test_fit_overwrite_replaces_the_run_and_drops_what_came_from_it(tmp_path, ca
     assert not (out / "report").exists() and not (out / "quantized").exists()
 
 
+def test_quantize_prunes_by_level_or_fraction(run_dir, capsys):
+    assert main(["quantize", str(run_dir), "--method", "uniform", "--bits", "2",
+                 "--prune-fraction", "0.8"]) == 0
+    folder = run_dir / "quantized" / "uniform-bits2-prune_fraction0.8"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    qnet = pqnet.QuantizedNet.load(folder / "qnet.pqn")
+    assert metrics["pruning"] == {"prune_fraction": 0.8}
+    assert qnet.config["prune"]["fraction"] == pytest.approx(0.8, abs=1e-3)
+    assert metrics["size_bytes"] == (folder / "qnet.pqn").stat().st_size
+    assert main(["quantize", str(run_dir), "--method", "uniform", "--bits", "2",
+                 "--prune", "0.5", "--prune-fraction", "0.8"]) == 2
+    assert "error: --prune, --prune-fraction: give one pruning rule" in capsys.readouterr().err
+    assert main(["quantize", str(run_dir), "--method", "uniform", "--bits", "2",
+                 "--prune", "1"]) == 2
+    assert "error: --prune: expected a number in [0, 1)" in capsys.readouterr().err
+
+
 def test_quantize_errors_name_the_option(run_dir, tmp_path, capsys):
     assert main(["quantize", str(run_dir), "--method", "nope"]) == 2
     err = capsys.readouterr().err
