@@ -30,6 +30,7 @@ test: .venv/.bench
 bench: .venv/.bench
 	$(PY) benchmarks/train_speed.py --data-dir $(MNIST) --profile
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/frontier.py --data-dir $(MNIST) --seeds 0 1 2
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/prune_rank.py --data-dir $(MNIST) --seeds 0 1 2
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/coders.py --data-dir $(MNIST)
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pqnet bench --model lenet5 --data mnist --data-dir $(MNIST) \
 		--bnn-init deterministic --bnn-epochs 10 --finetune-epochs 2 \

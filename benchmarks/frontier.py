@@ -10,7 +10,9 @@ For each seed, on MNIST-5k (``../shared/data/mnist``) with LeNet-5:
 3. every method then gets ``--epochs`` more epochs on the same images:
    - **pqnet**: ``pqnet.fit(pqnet.bayesian(float))`` with its defaults for
      ``epochs - finetune`` epochs, then each quantizer in :data:`PQNET` with
-     ``finetune_epochs=finetune``;
+     ``finetune_epochs=finetune``; and a second posterior fitted ``epochs - long_finetune``
+     epochs, then each pruned candidate in :data:`PRUNED_LONG` with
+     ``finetune_epochs=long_finetune``;
    - **Deep Compression**: ``quantize(..., "deep-compression")`` on the float net, 3 rounds
      of ``(epochs - 1) // 3`` retraining epochs and 1 epoch of centroid fine-tuning;
    - **brevitas QAT**: the float net's brevitas twin trained ``epochs`` epochs;
@@ -18,7 +20,7 @@ For each seed, on MNIST-5k (``../shared/data/mnist``) with LeNet-5:
 
 Selection: per family, the smallest file whose validation accuracy is at least the float
 net's minus 0.3 pp (500 validation images: one image is 0.2 pp, so this choice is noisy;
-the families get 12, 6 and 3 candidates). The float net's size is its raw state dict. The
+the families get 18, 6 and 3 candidates). The float net's size is its raw state dict. The
 chosen file's test accuracy, and McNemar tests on the 10k test images against brevitas
 2-bit and the chosen Deep Compression file, are reported. The posterior's
 ``KL(q || p)`` in kB is the information bound (a draw from ``q`` is codable in about KL nats:
@@ -56,6 +58,10 @@ PQNET = [("sigma-code", {"code_bits": b}) for b in (0.75, 1.0, 1.5)] \
     + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0)] \
     + [("uniform", {"bits": b, "prune_fraction": f}) for b, f in
        ((2, 0.8), (2, 0.9), (2, 0.95), (3, 0.9), (3, 0.95))]
+# pruned candidates also trained longer under their constraint: a shorter fit, then
+# --long-finetune epochs of fine-tuning with the zeros held (the same 10 epochs in all)
+PRUNED_LONG = [("uniform", {"bits": b, "prune_fraction": f}) for b in (2, 3)
+               for f in (0.9, 0.93, 0.95)]
 DEEP = [{"sparsity": s, "k": k} for s in (0.8, 0.9, 0.95) for k in (4, 16)]
 BREVITAS = (2, 3, 4)
 TOLERANCE = 0.003  # 0.3 pp below the float net's validation accuracy
@@ -88,27 +94,26 @@ def measured(qnet: QuantizedNet, family: str, setting: str, folder: Path, val, t
 
 
 def pqnet_rows(float_net, fit_part, val, test, seed, args, folder):
-    start = time.perf_counter()
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        bnn = pqnet.bayesian(copy.deepcopy(float_net))
-    kl_weight = args.kl_weight if args.kl_weight == "auto" else float(args.kl_weight)
-    posterior = pqnet.fit(bnn, fit_part, epochs=args.epochs - args.finetune, seed=seed,
-                          kl_weight=kl_weight, progress=False)
-    kl_kb = float(bnn.kl().detach()) / math.log(2) / 8 / 1024
-    fit_seconds = time.perf_counter() - start
-    rows, correct = [], {}
-    for method, options in PQNET:
+    rows, correct, info = [], {}, {}
+    for finetune, candidates in ((args.finetune, PQNET), (args.long_finetune, PRUNED_LONG)):
         start = time.perf_counter()
-        qnet = pqnet.quantize(posterior, method, data=fit_part, seed=seed,
-                              finetune_epochs=args.finetune, **options)
-        setting = f"{method} " + " ".join(f"{k}={v:g}" for k, v in options.items())
-        row, hits = measured(qnet, "pqnet", setting, folder, val, test,
-                             fit_seconds + time.perf_counter() - start)
-        rows.append(row)
-        correct[setting] = hits
-    info = {"kl_kb": kl_kb, "kl_weight": posterior.config["kl_weight"],
-            "posterior": scores(posterior.mean_module(), test)[0]}
+        kl_weight = args.kl_weight if args.kl_weight == "auto" else float(args.kl_weight)
+        bnn, posterior = fitted(float_net, fit_part, seed, args.epochs - finetune, kl_weight)
+        fit_seconds = time.perf_counter() - start
+        if not info:  # the default split's posterior: its KL bound and its scores
+            info = {"kl_kb": float(bnn.kl().detach()) / math.log(2) / 8 / 1024,
+                    "kl_weight": posterior.config["kl_weight"],
+                    "posterior": scores(posterior.mean_module(), test)[0]}
+        for method, options in candidates:
+            start = time.perf_counter()
+            qnet = pqnet.quantize(posterior, method, data=fit_part, seed=seed,
+                                  finetune_epochs=finetune, **options)
+            setting = f"{method} " + " ".join(f"{k}={v:g}" for k, v in options.items())
+            setting += f" finetune={finetune}" if finetune != args.finetune else ""
+            row, hits = measured(qnet, "pqnet", setting, folder, val, test,
+                                 fit_seconds + time.perf_counter() - start)
+            rows.append(row)
+            correct[setting] = hits
     return rows, correct, info
 
 
@@ -142,13 +147,27 @@ def brevitas_rows(float_net, fit_part, val, test, seed, args, folder):
     return rows, correct
 
 
-def one_seed(seed: int, train, test, args, folder: Path) -> dict:
+def float_start(seed: int, train, epochs: int = 10):
+    """The validation split of ``train`` and the float LeNet-5 trained on the rest."""
     fit_part, val = split_validation(train, 0.1, seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         float_net = pqnet.models.lenet5()
-    train_network(float_net, fit_part, epochs=args.float_epochs, batch_size=BATCH, lr=1e-3,
-                  seed=seed)
+    train_network(float_net, fit_part, epochs=epochs, batch_size=BATCH, lr=1e-3, seed=seed)
+    return fit_part, val, float_net
+
+
+def fitted(float_net, fit_part, seed: int, epochs: int, kl_weight="auto"):
+    """``pqnet.fit``'s defaults on ``pqnet.bayesian(float_net)``: the BNN and its posterior."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        bnn = pqnet.bayesian(copy.deepcopy(float_net))
+    return bnn, pqnet.fit(bnn, fit_part, epochs=epochs, seed=seed, kl_weight=kl_weight,
+                          progress=False)
+
+
+def one_seed(seed: int, train, test, args, folder: Path) -> dict:
+    fit_part, val, float_net = float_start(seed, train, args.float_epochs)
     float_val, _ = scores(float_net, val)
     float_test, float_correct = scores(float_net, test)
     rows, correct, info = [], {}, {}
@@ -230,6 +249,8 @@ def main() -> None:
     parser.add_argument("--float-epochs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--finetune", type=int, default=2)
+    parser.add_argument("--long-finetune", type=int, default=8,
+                        help="fine-tuning epochs of the PRUNED_LONG candidates")
     parser.add_argument("--kl-weight", default="auto",
                         help="pqnet.fit's kl_weight: 'auto' (the default posterior) or a number")
     parser.add_argument("--json", default="benchmarks/frontier.json")

@@ -14,19 +14,16 @@ scored as loaded.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from frontier import fitted, float_start
 
 import pqnet
 from pqnet._io import save_json
-from pqnet.bench import train_network
 from pqnet.diagnostics.table import format_table
-from pqnet.inference.batching import split_validation
 from pqnet.quantize import QuantizedNet, finetune
 from pqnet.quantize.budget import layer_posteriors
 from pqnet.quantize.prune import keep_largest
@@ -44,15 +41,8 @@ def pruned(qnet: QuantizedNet, posterior: pqnet.Posterior, fraction: float,
 
 
 def one_seed(seed: int, train, test, folder: Path) -> list[dict]:
-    fit_part, val = split_validation(train, 0.1, seed=seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        float_net = pqnet.models.lenet5()
-    train_network(float_net, fit_part, epochs=10, batch_size=64, lr=1e-3, seed=seed)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        bnn = pqnet.bayesian(copy.deepcopy(float_net))
-    posterior = pqnet.fit(bnn, fit_part, epochs=8, seed=seed, progress=False)
+    fit_part, val, float_net = float_start(seed, train)
+    _, posterior = fitted(float_net, fit_part, seed, epochs=8)
     rows = []
     for fraction in FRACTIONS:
         for rank in RANKS:

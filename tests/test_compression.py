@@ -50,16 +50,21 @@ def test_pruning_zeroes_exactly_the_weights_whose_interval_holds_zero():
     assert bool((prune_mask(mu, sigma, 0.99) >= inside).all())
 
 
-def test_pruned_weights_stay_zero_through_finetuning():
+@pytest.mark.parametrize("rule", ["prune", "prune_fraction"])
+def test_pruned_weights_stay_zero_through_finetuning(rule, tmp_path):
     posterior = linear_posterior()
     gen = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(256, 50, generator=gen),
                          torch.randint(0, 40, (256,), generator=gen))
-    qnet = pqnet.quantize(posterior, "uniform", bits=3, prune=0.9, data=data,
-                          finetune_epochs=2, finetune_lr=1e-2)
-    pruned = prune_mask(posterior.loc["weight"], posterior.scale["weight"], 0.9)
-    assert bool((qnet.weights()["weight"][pruned] == 0).all())
+    qnet = pqnet.quantize(posterior, "uniform", bits=3, data=data, finetune_epochs=2,
+                          finetune_lr=1e-2, **{rule: 0.9})
+    mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
+    pruned = prune_mask(mu, sigma, 0.9) if rule == "prune" else \
+        mu.abs() < mu.abs().flatten().sort().values[1800]  # the 1800 = 0.9 * 2000 smallest
     assert torch.equal(qnet.layers[""].bits == 0, pruned)
+    assert bool((qnet.weights()["weight"][pruned] == 0).all())
+    loaded = pqnet.QuantizedNet.load(qnet.save(tmp_path / "p.pqn"), module=posterior.module)
+    assert torch.equal(loaded.layers[""].codes, qnet.layers[""].codes)
 
 
 def test_pruning_by_fraction_zeroes_the_smallest_means_over_the_whole_network():
@@ -88,20 +93,6 @@ def test_pruning_by_fraction_keeps_each_layers_largest_weight():
     for layer in qnet.layers.values():
         assert int((layer.bits > 0).sum()) >= 1
     assert qnet.config["prune"]["fraction"] < 0.99
-
-
-def test_pruned_by_fraction_weights_stay_zero_through_finetuning(tmp_path):
-    posterior = linear_posterior()
-    gen = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(256, 50, generator=gen),
-                         torch.randint(0, 40, (256,), generator=gen))
-    qnet = pqnet.quantize(posterior, "uniform", bits=2, prune_fraction=0.9, data=data,
-                          finetune_epochs=2, finetune_lr=1e-2)
-    zero = qnet.layers[""].bits == 0
-    assert int(zero.sum()) == 2000 - 200
-    assert bool((qnet.weights()["weight"][zero] == 0).all())
-    loaded = pqnet.QuantizedNet.load(qnet.save(tmp_path / "p.pqn"), module=posterior.module)
-    assert torch.equal(loaded.layers[""].codes, qnet.layers[""].codes)
 
 
 def test_two_pruning_rules_at_once_are_refused():
