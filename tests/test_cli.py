@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import pqnet
+from pqnet import cli
 from pqnet.cli import build_parser, main
 from pqnet.quantize import METHODS
 
@@ -127,3 +128,25 @@ def test_version_and_defaults_in_every_help(capsys):
                     (name, action.dest)
     assert "--epochs EPOCHS training epochs, warm start included (default: 20)" in \
         " ".join(sub.choices["fit"].format_help().split())
+
+
+def test_demo_writes_every_method_as_a_file_it_scores(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "DEMO_BUDGETS", (2.0,))  # one budget a method: the test's time
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "2", "--num-samples", "2",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "quantize.json").read_text())
+    assert results["format"] == "pqnet.demo-results"
+    assert {row["method"] for row in results["rows"]} == set(METHODS)
+    _, test = pqnet.data.load("digits")
+    for row in results["rows"]:
+        file = out / "quantized" / row["file"]
+        assert file.stat().st_size == row["size_bytes"]
+        assert row["bits_per_weight"] == pytest.approx(
+            8 * row["size_bytes"] / pqnet.QuantizedNet.load(file).num_weights)
+        assert f"{row['size_bytes']:,}".replace(",", "") in printed.replace(",", "")
+    kmeans = next(r for r in results["rows"] if r["method"] == "kmeans")
+    loaded = pqnet.QuantizedNet.load(out / "quantized" / kmeans["file"])
+    assert pqnet.evaluate(loaded, test)["accuracy"] == kmeans["accuracy"]
+    assert (out / "posterior.pt").is_file()
