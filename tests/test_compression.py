@@ -340,10 +340,16 @@ def test_sigma_code_with_pruning_survives_fine_tuning():
         assert torch.equal(layer.bits == 0, pruned)
 
 
-def test_fine_tuning_a_method_that_trains_its_own_net_is_refused():
+@pytest.mark.parametrize("method", ["deep-compression", "pwfn"])
+@pytest.mark.parametrize("after", [{"finetune_epochs": 1}, {"prune": 0.9},
+                                   {"prune_fraction": 0.5}])
+def test_pruning_or_fine_tuning_a_method_that_trains_its_own_net_is_refused(method, after):
+    """The posterior describes the weights these methods started from, not the ones they
+    trained: pruning or fine-tuning by it would judge weights the network no longer has."""
     posterior, data = _tiny_task()
-    with pytest.raises(ValueError, match="finetune_epochs: deep-compression retrains"):
-        pqnet.quantize(posterior, "deep-compression", data=data, finetune_epochs=1)
+    name = next(iter(after))
+    with pytest.raises(ValueError, match=f"{name}: {method} retrains its own network"):
+        pqnet.quantize(posterior, method, data=data, **after)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -26,9 +26,10 @@ method                    rule                                            budget
                           k-means, centroid fine-tuning (Han et al. 2016) + data
 ========================= =============================================== ====================
 
-Every method also takes ``prune=c``: weights whose central ``c`` credible interval holds 0
-are then zeroed at width 0; or ``prune_fraction=f``: the fraction ``f`` of the weights with
-the smallest posterior means is (:mod:`pqnet.quantize.prune`).
+Every method but the two that retrain their own weights (``pwfn``, ``deep-compression``)
+also takes ``prune=c``: the weights whose central ``c`` credible interval holds 0 are then
+zeroed at width 0; or ``prune_fraction=f``: the fraction ``f`` of the weights with the
+smallest posterior means are (:mod:`pqnet.quantize.prune`).
 
 Note that ``pqnet.quantize`` is the function :func:`quantize`; import the rest from this
 package, e.g. ``from pqnet.quantize import METHODS, QuantizedNet``.
@@ -126,9 +127,11 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     if prune and prune_fraction:
         raise ValueError("prune, prune_fraction: give one pruning rule, a credible level or a "
                          f"fraction, not both (got {prune} and {prune_fraction})")
-    if finetune_epochs and method in RETRAINED:
-        raise ValueError(f"finetune_epochs: {method} retrains its own network (see its "
-                         "epochs options); fine-tuning would start again from the posterior")
+    after = {"prune": prune, "prune_fraction": prune_fraction, "finetune_epochs": finetune_epochs}
+    for name, value in after.items():
+        if value and method in RETRAINED:
+            raise ValueError(f"{name}: {method} retrains its own network (see its options), "
+                             "so the posterior no longer describes its weights")
     qnet = METHODS[method](posterior, data=data, seed=seed, **budget)
     _say_unused(qnet, budget)
     if prune > 0:

@@ -1,4 +1,5 @@
-"""Bayesian pruning: zero the weights the posterior cannot tell from zero.
+"""Pruning a quantized net by its posterior: the weights it cannot tell from zero, or those
+with the smallest means.
 
 Two rules, each storing a pruned weight at width 0 (the value 0), which the entropy coder
 makes nearly free:
