@@ -601,8 +601,7 @@ def _as_typed(message: str, flags: dict[str, str]) -> str:
     (``prune, prune_fraction: ...``)."""
     names, sep, rest = message.partition(": ")
     typed = [flags.get(name) or ALIASES.get(name) for name in names.split(", ")]
-    plain = all(" " not in name for name in names.split(", "))
-    return f"{', '.join(typed)}: {rest}" if sep and all(typed) and plain else message
+    return f"{', '.join(typed)}: {rest}" if sep and all(typed) else message
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,12 +92,22 @@ def test_quantize_prunes_by_level_or_fraction(run_dir, capsys):
     assert metrics["pruning"] == {"prune_fraction": 0.8}
     assert qnet.config["prune"]["fraction"] == pytest.approx(0.8, abs=1e-3)
     assert metrics["size_bytes"] == (folder / "qnet.pqn").stat().st_size
+    # the report remakes plain results only: a pruned one is not remade as plain uniform
+    assert ("uniform", round(metrics["avg_bits"], 4)) not in cli._quantized_variants(run_dir)
     assert main(["quantize", str(run_dir), "--method", "uniform", "--bits", "2",
                  "--prune", "0.5", "--prune-fraction", "0.8"]) == 2
     assert "error: --prune, --prune-fraction: give one pruning rule" in capsys.readouterr().err
     assert main(["quantize", str(run_dir), "--method", "uniform", "--bits", "2",
                  "--prune", "1"]) == 2
     assert "error: --prune: expected a number in [0, 1)" in capsys.readouterr().err
+
+
+def test_errors_naming_several_arguments_name_every_flag():
+    flags = {"prune": "--prune", "prune_fraction": "--prune-fraction"}
+    assert cli._as_typed("prune, prune_fraction: give one", flags) == \
+        "--prune, --prune-fraction: give one"
+    assert cli._as_typed("prune, other: x", flags) == "prune, other: x"
+    assert cli._as_typed("prune: x", flags) == "--prune: x"
 
 
 def test_quantize_errors_name_the_option(run_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import pqnet
 from pqnet.quantize import codec
-from pqnet.quantize.prune import credible_z, prune_mask
+from pqnet.quantize.prune import credible_z, keep_largest, prune_mask
 from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid
 from tests.test_quantize import make_posterior
 
@@ -84,6 +84,18 @@ def test_pruning_by_fraction_zeroes_the_smallest_means_over_the_whole_network():
         assert torch.equal(w[~pruned], unpruned[f"{path}.weight"][~pruned])
     assert qnet.config["prune"] == {"by": "magnitude", "asked": 0.7,
                                     "fraction": pytest.approx(42 / 60)}
+
+
+def test_keep_largest_keeps_exactly_the_count_asked_whatever_the_ties():
+    weights = {"flat": torch.zeros(10),  # all equal: only its largest (one) is kept
+               "b": torch.tensor([3.0, -2.0, 1.0, 1.0, -1.0, 1.0, 0.5, 0.5, -0.5, 0.5])}
+    for keep in (0.3, 1 - 0.7):  # 6 of 20, not ceil(20 * 0.30000000000000004) = 7
+        masks = keep_largest(weights, keep)
+        assert int(masks["flat"].sum()) == 1
+        assert masks["b"].tolist() == [True] * 6 + [False] * 4
+    ties = keep_largest({"a": torch.ones(4), "b": torch.ones(4)}, 0.5)
+    assert int(ties["a"].sum() + ties["b"].sum()) in (4, 5)  # 4 asked, + a layer's largest
+    assert bool(ties["a"].any() and ties["b"].any())
 
 
 def test_pruning_by_fraction_keeps_each_layers_largest_weight():
@@ -245,7 +257,8 @@ def test_deep_compression_keeps_its_sparsity_and_clusters_through_training(tmp_p
         assert len(w[layer.bits > 0].unique()) <= 3  # k shared values, fine-tuned
     total = sum(w.numel() for w in qnet.weights().values())
     zeros = sum(int((w == 0).sum()) for w in qnet.weights().values())
-    assert zeros >= total - int(np.ceil(0.4 * total)) - len(qnet.layers)  # the sparsity
+    kept = round(0.4 * total)  # the sparsity, each layer keeping at least its largest
+    assert total - kept - len(qnet.layers) <= zeros <= total - kept
     start = pqnet.quantize(posterior, "deep-compression", data=data, sparsity=0.6, k=3,
                            rounds=3, retrain_epochs=2, centre_epochs=0, lr=1e-2)
     assert not torch.equal(qnet.weights()["0.weight"], start.weights()["0.weight"])

@@ -50,13 +50,20 @@ def bayesian_prune(qnet: QuantizedNet, posterior: Posterior, level: float) -> Qu
 
 
 def keep_largest(weights: dict[str, torch.Tensor], keep: float) -> dict[str, torch.Tensor]:
-    """True at the ``round(keep * n)`` largest ``|w|`` of all ``n`` weights together (rounded
-    to nearest, as ``1 - 0.7`` is a hair above 0.3), and at each layer's largest one (no
-    layer is cut off)."""
-    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()])
-    threshold = flat.topk(max(1, round(keep * len(flat)))).values[-1]
-    return {p: (w.detach().abs() >= threshold) | (w.detach().abs() == w.detach().abs().max())
-            for p, w in weights.items()}
+    """True at exactly the ``round(keep * n)`` largest ``|w|`` of all ``n`` weights together
+    (rounded to nearest, as ``1 - 0.7`` is a hair above 0.3; ties broken by ``topk``), and at
+    each layer's largest one (no layer is cut off)."""
+    magnitudes = [w.detach().abs().reshape(-1) for w in weights.values()]
+    flat = torch.cat(magnitudes)
+    kept = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+    kept[flat.topk(max(1, round(keep * len(flat)))).indices] = True
+    masks = {}
+    for (path, w), mask, m in zip(weights.items(), kept.split([len(m) for m in magnitudes]),
+                                  magnitudes, strict=True):
+        mask = mask.clone()
+        mask[m.argmax()] = True
+        masks[path] = mask.reshape(w.shape)
+    return masks
 
 
 def magnitude_prune(qnet: QuantizedNet, posterior: Posterior, fraction: float) -> QuantizedNet:
@@ -64,9 +71,11 @@ def magnitude_prune(qnet: QuantizedNet, posterior: Posterior, fraction: float) -
     the whole network, each layer keeping its largest) set to 0 at width 0;
     ``config["prune"]`` records the fraction asked and the fraction pruned."""
     fraction = _checks.fraction("prune_fraction", fraction, closed_below=True)
-    keep = keep_largest({p: mu for p, mu, _ in layer_posteriors(posterior)}, 1 - fraction)
-    layers = {p: layer.pruned(~keep[p]) for p, layer in qnet.layers.items()}
-    pruned = sum(int((~mask).sum()) for mask in keep.values())
+    masks = keep_largest({path: mu for path, mu, _ in layer_posteriors(posterior)}, 1 - fraction)
+    layers = dict(qnet.layers)
+    for path, keep in masks.items():
+        layers[path] = layers[path].pruned(~keep)
+    pruned = sum(int((~keep).sum()) for keep in masks.values())
     config = {**qnet.config, "prune": {"by": "magnitude", "asked": fraction,
                                        "fraction": pruned / qnet.num_weights}}
     return QuantizedNet(layers, qnet.module, qnet.method, config)
