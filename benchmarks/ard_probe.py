@@ -7,8 +7,9 @@ then ``sum_i 1/2 log(1 + mu_i^2 / sigma_i^2)``, which rewards weights whose post
 cannot tell them from zero. pqnet's priors are fixed Normals, so this probe swaps the
 BNN's closed-form KL for the ARD one (it assigns ``bnn.kl``) and fits with
 ``pqnet.fit``'s defaults otherwise, at fixed KL weights. The frontier's seed-0 float net
-and validation split are the start; each posterior is quantized to uniform 2 bits, pruned
-by credible level or by fraction, fine-tuned 2 epochs, and scored.
+and validation split are the start; each posterior, and the default one (pqnet's Normal
+prior, KL weight chosen on validation) beside them, is quantized to uniform 2 bits, pruned by
+credible level or by fraction, fine-tuned 2 epochs, saved, and scored as loaded.
 
     python benchmarks/ard_probe.py --data-dir ../shared/data/mnist
 """
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
+from pathlib import Path
 
 import torch
 from frontier import float_start
@@ -25,6 +28,7 @@ from frontier import float_start
 import pqnet
 from pqnet._io import save_json
 from pqnet.diagnostics.table import format_table
+from pqnet.quantize import QuantizedNet
 
 
 def ard_kl(bnn):
@@ -39,6 +43,22 @@ def ard_kl(bnn):
     return kl
 
 
+def quantized(posterior, kl_weight, fit_part, val, test, seed: int, folder: Path) -> list[dict]:
+    """Uniform 2 bits, pruned by each rule, fine-tuned 2 epochs; saved and scored as loaded."""
+    rows, mean = [], posterior.mean_module()
+    for rule, value in (("prune", 0.9), ("prune", 0.95), ("prune_fraction", 0.9)):
+        qnet = pqnet.quantize(posterior, "uniform", bits=2, data=fit_part, seed=seed,
+                              finetune_epochs=2, **{rule: value})
+        module = QuantizedNet.load(qnet.save(folder / "q.pqn")).to_module()
+        rows.append({"kl_weight": kl_weight, "fitted_kl_weight": posterior.config["kl_weight"],
+                     "rule": f"{rule}={value}",
+                     "mean_val": pqnet.evaluate(mean, val)["accuracy"],
+                     "pruned": qnet.config["prune"]["fraction"], "size_bytes": qnet.size_bytes,
+                     "val_accuracy": pqnet.evaluate(module, val)["accuracy"],
+                     "accuracy": pqnet.evaluate(module, test)["accuracy"]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="../shared/data/mnist")
@@ -49,25 +69,17 @@ def main() -> None:
     train, test = pqnet.data.load("mnist", root=args.data_dir)
     fit_part, val, float_net = float_start(args.seed, train)
     rows, load = [], os.getloadavg()
-    for kl_weight in args.kl_weights:
-        with torch.random.fork_rng():
-            torch.manual_seed(args.seed)
-            bnn = pqnet.bayesian(copy.deepcopy(float_net))
-        bnn.kl = ard_kl(bnn)
-        posterior = pqnet.fit(bnn, fit_part, epochs=8, seed=args.seed, kl_weight=kl_weight,
-                              progress=False)
-        mean = posterior.mean_module()
-        for rule, value in (("prune", 0.9), ("prune", 0.95), ("prune_fraction", 0.9)):
-            qnet = pqnet.quantize(posterior, "uniform", bits=2, data=fit_part, seed=args.seed,
-                                  finetune_epochs=2, **{rule: value})
-            module = qnet.to_module()
-            rows.append({"kl_weight": kl_weight, "rule": f"{rule}={value}",
-                         "mean_val": pqnet.evaluate(mean, val)["accuracy"],
-                         "pruned": qnet.config["prune"]["fraction"],
-                         "size_bytes": qnet.size_bytes,
-                         "val_accuracy": pqnet.evaluate(module, val)["accuracy"],
-                         "accuracy": pqnet.evaluate(module, test)["accuracy"]})
-        print(format_table(rows, list(rows[0])), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for kl_weight in ["default", *args.kl_weights]:
+            with torch.random.fork_rng():
+                torch.manual_seed(args.seed)
+                bnn = pqnet.bayesian(copy.deepcopy(float_net))
+            if kl_weight != "default":  # the default: pqnet's Normal prior, KL weight "auto"
+                bnn.kl = ard_kl(bnn)
+            posterior = pqnet.fit(bnn, fit_part, epochs=8, seed=args.seed, progress=False,
+                                  kl_weight="auto" if kl_weight == "default" else kl_weight)
+            rows += quantized(posterior, kl_weight, fit_part, val, test, args.seed, Path(tmp))
+            print(format_table(rows, list(rows[0])), flush=True)
     save_json({"config": vars(args), "load_before": load, "load_after": os.getloadavg(),
                "rows": rows}, args.json)
 

@@ -11,18 +11,20 @@ For each seed, on MNIST-5k (``../shared/data/mnist``) with LeNet-5:
    - **pqnet**: ``pqnet.fit(pqnet.bayesian(float))`` with its defaults for
      ``epochs - finetune`` epochs, then each quantizer in :data:`PQNET` with
      ``finetune_epochs=finetune``; and a second posterior fitted ``epochs - long_finetune``
-     epochs, then each pruned candidate in :data:`PRUNED_LONG` with
-     ``finetune_epochs=long_finetune``;
-   - **Deep Compression**: ``quantize(..., "deep-compression")`` on the float net, 3 rounds
+     epochs, then each pruned candidate in :data:`PRUNED_LONG` (the :data:`SPARSITY` levels
+     at 2 and 3 bits) with ``finetune_epochs=long_finetune``;
+   - **Deep Compression**: ``quantize(..., "deep-compression")`` on the float net at the
+     :data:`SPARSITY` levels with ``k`` = 4, 8 or 16 (as many levels as 2, 3, 4 bits), 3 rounds
      of ``(epochs - 1) // 3`` retraining epochs and 1 epoch of centroid fine-tuning;
    - **brevitas QAT**: the float net's brevitas twin trained ``epochs`` epochs;
 4. every network is saved in pqnet's file format and scored as loaded; its size is the file.
 
 Selection: per family, the smallest file whose validation accuracy is at least the float
 net's minus 0.3 pp (500 validation images: one image is 0.2 pp, so this choice is noisy;
-the families get 18, 6 and 3 candidates). The float net's size is its raw state dict. The
+the families get 15, 12 and 3 candidates). The float net's size is its raw state dict. The
 chosen file's test accuracy, and McNemar tests on the 10k test images against brevitas
-2-bit and the chosen Deep Compression file, are reported. The posterior's
+2-bit, the chosen Deep Compression file and every smaller Deep Compression file, are
+reported. The posterior's
 ``KL(q || p)`` in kB is the information bound (a draw from ``q`` is codable in about KL nats:
 Havasi et al. 2019, "Minimal Random Code Learning").
 
@@ -55,14 +57,12 @@ from pqnet.quantize.codec import raw_bytes
 
 PQNET = [("sigma-code", {"code_bits": b}) for b in (0.75, 1.0, 1.5)] \
     + [("uniform", {"bits": b}) for b in (2, 3)] \
-    + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0)] \
-    + [("uniform", {"bits": b, "prune_fraction": f}) for b, f in
-       ((2, 0.8), (2, 0.9), (2, 0.95), (3, 0.9), (3, 0.95))]
-# pruned candidates also trained longer under their constraint: a shorter fit, then
+    + [("quantile-inform", {"avg_bits": b}) for b in (1.5, 2.0)]
+SPARSITY = (0.8, 0.9, 0.93, 0.95)  # the same pruning levels for pqnet and Deep Compression
+# pqnet's pruned candidates train longer under their constraint: a shorter fit, then
 # --long-finetune epochs of fine-tuning with the zeros held (the same 10 epochs in all)
-PRUNED_LONG = [("uniform", {"bits": b, "prune_fraction": f}) for b in (2, 3)
-               for f in (0.9, 0.93, 0.95)]
-DEEP = [{"sparsity": s, "k": k} for s in (0.8, 0.9, 0.95) for k in (4, 16)]
+PRUNED_LONG = [("uniform", {"bits": b, "prune_fraction": f}) for b in (2, 3) for f in SPARSITY]
+DEEP = [{"sparsity": s, "k": k} for s in SPARSITY for k in (4, 8, 16)]
 BREVITAS = (2, 3, 4)
 TOLERANCE = 0.003  # 0.3 pp below the float net's validation accuracy
 BATCH = 64  # every family's minibatch (pqnet.fit's default): the same steps per epoch
@@ -100,10 +100,10 @@ def pqnet_rows(float_net, fit_part, val, test, seed, args, folder):
         kl_weight = args.kl_weight if args.kl_weight == "auto" else float(args.kl_weight)
         bnn, posterior = fitted(float_net, fit_part, seed, args.epochs - finetune, kl_weight)
         fit_seconds = time.perf_counter() - start
-        if not info:  # the default split's posterior: its KL bound and its scores
-            info = {"kl_kb": float(bnn.kl().detach()) / math.log(2) / 8 / 1024,
-                    "kl_weight": posterior.config["kl_weight"],
-                    "posterior": scores(posterior.mean_module(), test)[0]}
+        info[f"finetune={finetune}"] = {
+            "kl_kb": float(bnn.kl().detach()) / math.log(2) / 8 / 1024,
+            "kl_weight": posterior.config["kl_weight"],
+            "posterior": scores(posterior.mean_module(), test)[0]}
         for method, options in candidates:
             start = time.perf_counter()
             qnet = pqnet.quantize(posterior, method, data=fit_part, seed=seed,
@@ -114,7 +114,7 @@ def pqnet_rows(float_net, fit_part, val, test, seed, args, folder):
                                  fit_seconds + time.perf_counter() - start)
             rows.append(row)
             correct[setting] = hits
-    return rows, correct, info
+    return rows, correct, {**info[f"finetune={args.finetune}"], "splits": info}
 
 
 def deep_rows(float_net, fit_part, val, test, seed, args, folder):
@@ -183,7 +183,7 @@ def one_seed(seed: int, train, test, args, folder: Path) -> dict:
     for row in rows:
         row["seed"] = seed
     chosen = choose(rows, float_val["accuracy"])
-    tests = paired_tests(chosen, correct)
+    tests = paired_tests(chosen, rows, correct)
     return {"seed": seed, "float": {**float_test, "val_accuracy": float_val["accuracy"],
                                     "size_bytes": raw_bytes(float_net.state_dict().values())},
             **info, "rows": rows, "chosen": chosen, "mcnemar": tests,
@@ -200,19 +200,21 @@ def choose(rows: list[dict], float_val: float) -> dict:
     return chosen
 
 
-def paired_tests(chosen: dict, correct: dict) -> dict:
-    """McNemar of pqnet's chosen file against brevitas 2-bit and the chosen Deep Compression."""
-    out = {}
+def paired_tests(chosen: dict, rows: list[dict], correct: dict) -> dict:
+    """McNemar of pqnet's chosen file against brevitas 2-bit, the chosen Deep Compression
+    file, and every Deep Compression file smaller than pqnet's."""
     if chosen["pqnet"] is None:
-        return out
+        return {}
     mine = correct[("pqnet", chosen["pqnet"]["setting"])]
     rivals = {"brevitas-qat 2 bits": ("brevitas-qat", "2 bits")}
     if chosen["deep-compression"] is not None:
         rivals["deep-compression chosen"] = ("deep-compression",
                                              chosen["deep-compression"]["setting"])
-    for name, key in rivals.items():
-        out[name] = mcnemar(mine, correct[key])
-    return out
+    for row in rows:
+        if row["family"] == "deep-compression" \
+                and row["size_bytes"] < chosen["pqnet"]["size_bytes"]:
+            rivals[f"deep-compression {row['setting']}"] = ("deep-compression", row["setting"])
+    return {name: mcnemar(mine, correct[key]) for name, key in rivals.items()}
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -6,7 +6,7 @@ it. Each candidate is uniform 2 bits with a fraction of the weights zeroed, rank
 ways over the whole network (each layer keeping its largest), then fine-tuned 2 epochs
 (zeros held): the same as ``pqnet.quantize(posterior, "uniform", bits=2,
 prune_fraction=f, finetune_epochs=2)`` for the magnitude ranking. Every net is saved and
-scored as loaded.
+scored as loaded. Each layer's median ``|mu| / sigma`` is recorded beside them.
 
     python benchmarks/prune_rank.py --data-dir ../shared/data/mnist --seeds 0 1 2
 """
@@ -43,7 +43,9 @@ def pruned(qnet: QuantizedNet, posterior: pqnet.Posterior, fraction: float,
 def one_seed(seed: int, train, test, folder: Path) -> list[dict]:
     fit_part, val, float_net = float_start(seed, train)
     _, posterior = fitted(float_net, fit_part, seed, epochs=8)
-    rows = []
+    rows = [{"seed": seed, "layer": path, "median_snr": float((mu.abs() / sigma).median()),
+             "median_abs_mu": float(mu.abs().median())}
+            for path, mu, sigma in layer_posteriors(posterior)]
     for fraction in FRACTIONS:
         for rank in RANKS:
             qnet = pruned(pqnet.quantize(posterior, "uniform", bits=2), posterior, fraction, rank)
@@ -69,8 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             rows += one_seed(seed, train, test, Path(tmp))
-            print(format_table(rows, ["seed", "fraction", "rank", "size_bytes",
-                                      "val_accuracy", "accuracy"]), flush=True)
+            print(format_table([r for r in rows if "rank" in r],
+                               ["seed", "fraction", "rank", "size_bytes", "val_accuracy",
+                                "accuracy"]), flush=True)
     save_json({"config": vars(args), "load_before": load, "load_after": os.getloadavg(),
                "seconds": time.perf_counter() - start, "rows": rows}, args.json)
 
