@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import pqnet
-from pqnet.quantize import codec
-from pqnet.quantize.prune import credible_z, keep_largest, prune_mask
+from pqnet.quantize import codec, finetune
+from pqnet.quantize.prune import credible_z, keep_largest, magnitude_prune, prune_mask
 from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid
 from tests.test_quantize import make_posterior
 
@@ -393,3 +393,119 @@ def test_bayesian_prune_by_itself_on_a_two_layer_net():
     for level in (1.0, -0.5):
         with pytest.raises(ValueError, match=r"^prune: expected a number in \[0, 1\)"):
             bayesian_prune(qnet, posterior, level)
+
+
+# ------------------------------------------- the settings fine-tuning and Deep Compression keep
+
+
+def test_deep_compression_records_its_defaults_and_is_the_same_for_the_same_seed():
+    posterior, data = _tiny_task()
+    torch.manual_seed(123)  # the global generator must not matter
+    qnet = pqnet.quantize(posterior, "deep-compression", data=data)
+    assert qnet.method == "deep-compression"
+    assert qnet.config == {"sparsity": 0.8, "k": 16, "rounds": 3, "retrain_epochs": 1,
+                           "centre_epochs": 1, "lr": 1e-3, "batch_size": 128, "seed": 0}
+    torch.manual_seed(7)
+    again = pqnet.quantize(posterior, "deep-compression", data=data)
+    for name, w in qnet.weights().items():
+        assert torch.equal(w, again.weights()[name])
+    other = pqnet.quantize(posterior, "deep-compression", data=data, seed=1)
+    assert not torch.equal(other.weights()["0.weight"], qnet.weights()["0.weight"])
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"retrain_epochs": -1}, "retrain_epochs"), ({"centre_epochs": -1}, "centre_epochs"),
+    ({"lr": 0.0}, "lr"), ({"batch_size": 0}, "batch_size"), ({"k": 257}, "k")])
+def test_deep_compression_names_a_bad_setting(options, name):
+    posterior, data = _tiny_task()
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        pqnet.quantize(posterior, "deep-compression", data=data, **options)
+
+
+def test_deep_compression_takes_the_extreme_k_and_names_wrong_data():
+    posterior, data = _tiny_task()
+    for k in (2, 256):
+        qnet = pqnet.quantize(posterior, "deep-compression", data=data, k=k, rounds=1,
+                              retrain_epochs=0, centre_epochs=0)
+        assert all(len(w[w != 0].unique()) <= k for w in qnet.weights().values())
+    wrong = TensorDataset(torch.randn(8, 5), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="^data: "):
+        pqnet.quantize(posterior, "deep-compression", data=wrong)
+
+
+def _finetuned(posterior, data, method="uniform", **options):
+    qnet = pqnet.quantize(posterior, method, **({"k": 1.0} if method == "sigma-code"
+                                                else {"bits": 3}))
+    return qnet, finetune(qnet, posterior, data, **options)
+
+
+def test_straight_through_rounding_is_the_quantized_value_with_an_identity_gradient():
+    from pqnet.quantize.finetune import _rounded
+    qnet = pqnet.quantize(linear_posterior(), "uniform", bits=2)
+    w = (0.3 * torch.randn(40, 50)).requires_grad_(True)
+    out = _rounded(qnet.layers[""], w)
+    assert torch.allclose(out, qnet.layers[""].decode(qnet.layers[""].encode(w)), atol=1e-6)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("method", ["uniform", "sigma-code"])
+def test_fine_tuning_at_lr_zero_keeps_the_codes_and_records_its_settings(method):
+    """No step moves a mean, so re-rounding by the method's own rule gives its own codes back:
+    nearest level for uniform, shortest code within k sds for sigma-code."""
+    posterior, data = _tiny_task()
+    qnet, tuned = _finetuned(posterior, data, method, epochs=1, lr=0.0)
+    for path, layer in qnet.layers.items():
+        assert torch.equal(tuned.layers[path].codes, layer.codes)
+    assert tuned.method == method
+    assert tuned.config["finetune"] == {"epochs": 1, "lr": 0.0, "batch_size": 64, "seed": 0}
+    _, default = _finetuned(posterior, data, method, epochs=1)
+    assert default.config["finetune"] == {"epochs": 1, "lr": 1e-3, "batch_size": 64,
+                                          "seed": 0}
+
+
+def test_fine_tuning_is_the_same_for_the_same_seed_and_leaves_the_posterior_alone():
+    posterior, data = _tiny_task()
+    before = {k: v.clone() for k, v in posterior.module.state_dict().items()}
+    torch.manual_seed(5)
+    _, one = _finetuned(posterior, data, epochs=2, lr=1e-2)
+    torch.manual_seed(6)
+    _, two = _finetuned(posterior, data, epochs=2, lr=1e-2)
+    for path in one.layers:
+        assert torch.equal(one.layers[path].codes, two.layers[path].codes)
+    assert torch.equal(one.to_module()[0].bias, two.to_module()[0].bias)
+    after = posterior.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in posterior.module.parameters())
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"epochs": 0}, "finetune_epochs"), ({"epochs": 10_001}, "finetune_epochs"),
+    ({"epochs": 1, "lr": -1.0}, "finetune_lr"), ({"epochs": 1, "batch_size": 0}, "batch_size"),
+    ({"epochs": 1, "batch_size": (1 << 30) + 1}, "batch_size")])
+def test_fine_tuning_called_by_itself_names_a_bad_setting(options, name):
+    posterior, data = _tiny_task()
+    qnet = pqnet.quantize(posterior, "uniform", bits=3)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        finetune(qnet, posterior, data, **options)
+
+
+def test_fine_tuning_called_by_itself_takes_batches_of_one_and_names_wrong_data():
+    posterior, data = _tiny_task()
+    small = TensorDataset(*(t[:4] for t in data.tensors))
+    qnet = pqnet.quantize(posterior, "uniform", bits=3)
+    assert finetune(qnet, posterior, small, epochs=1, batch_size=1).config["finetune"][
+        "batch_size"] == 1
+    wrong = TensorDataset(torch.randn(8, 5), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match="^data: "):
+        finetune(qnet, posterior, wrong, epochs=1)
+
+
+def test_magnitude_prune_by_itself_checks_its_fraction_and_keeps_the_method():
+    posterior = linear_posterior()
+    qnet = pqnet.quantize(posterior, "uniform", bits=2)
+    with pytest.raises(ValueError, match=r"^prune_fraction: expected a number in \[0, 1\)"):
+        magnitude_prune(qnet, posterior, 1.0)
+    none = magnitude_prune(qnet, posterior, 0.0)
+    assert none.method == "uniform" and int((none.layers[""].bits == 0).sum()) == 0
+    assert keep_largest({"a": torch.arange(20.0)}, 0.01)["a"].sum() == 1  # at least one kept
