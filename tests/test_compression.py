@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import pqnet
-from pqnet.quantize import codec, finetune
+from pqnet.quantize import codec, deep_compression, finetune
 from pqnet.quantize.prune import credible_z, keep_largest, magnitude_prune, prune_mask
 from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid
 from tests.test_quantize import make_posterior
@@ -411,6 +411,8 @@ def test_deep_compression_records_its_defaults_and_is_the_same_for_the_same_seed
         assert torch.equal(w, again.weights()[name])
     other = pqnet.quantize(posterior, "deep-compression", data=data, seed=1)
     assert not torch.equal(other.weights()["0.weight"], qnet.weights()["0.weight"])
+    direct = deep_compression(posterior, data=data, rounds=1, retrain_epochs=0, centre_epochs=0)
+    assert direct.config["seed"] == 0  # its own default, when called by itself
 
 
 @pytest.mark.parametrize("options, name", [
@@ -509,3 +511,50 @@ def test_magnitude_prune_by_itself_checks_its_fraction_and_keeps_the_method():
     none = magnitude_prune(qnet, posterior, 0.0)
     assert none.method == "uniform" and int((none.layers[""].bits == 0).sum()) == 0
     assert keep_largest({"a": torch.arange(20.0)}, 0.01)["a"].sum() == 1  # at least one kept
+
+
+def test_deep_compression_retrains_with_the_zeros_held():
+    """One round with enough centres to keep every survivor (k-means keeps <= k distinct
+    values exactly): the result is the mean net, pruned, retrained one epoch with the zeros
+    held after every step, the same batches drawn from the seed."""
+    from pqnet.inference.plain import train_plain
+    posterior, data = _tiny_task()
+    qnet = deep_compression(posterior, data=data, sparsity=0.6, k=256, rounds=1,
+                            retrain_epochs=1, centre_epochs=0, lr=1e-2)
+    net = posterior.mean_module()
+    masks = keep_largest({p: net.get_submodule(p).weight for p in posterior.layers}, 0.4)
+
+    def hold():
+        with torch.no_grad():
+            for p, mask in masks.items():
+                net.get_submodule(p).weight.mul_(mask)
+    hold()
+    train_plain(net, data, epochs=1, batch_size=128, lr=1e-2,
+                generator=torch.Generator().manual_seed(0), after_step=hold)
+    for p in posterior.layers:
+        assert torch.equal(qnet.weights()[f"{p}.weight"], net.get_submodule(p).weight)
+
+
+def test_deep_compression_centre_fine_tuning_trains_the_centres_and_the_rest():
+    posterior, data = _tiny_task()
+    options = {"sparsity": 0.6, "k": 4, "rounds": 1, "retrain_epochs": 0}
+    start = deep_compression(posterior, data=data, centre_epochs=0, **options)
+    tuned = deep_compression(posterior, data=data, centre_epochs=3, lr=1e-2, **options)
+    slow = deep_compression(posterior, data=data, centre_epochs=3, lr=1e-4, **options)
+    x, y = data.tensors
+    with torch.no_grad():
+        loss = {name: float(torch.nn.functional.cross_entropy(q.to_module()(x), y))
+                for name, q in (("start", start), ("tuned", tuned))}
+    assert loss["tuned"] < loss["start"] - 0.01  # the centres fit the data better
+    for p in posterior.layers:  # the zeros stay, the shared values move, at lr's pace
+        assert torch.equal(tuned.layers[p].bits == 0, start.layers[p].bits == 0)
+    assert not torch.equal(tuned.to_module()[0].bias, start.to_module()[0].bias)
+    assert not torch.allclose(tuned.weights()["0.weight"], slow.weights()["0.weight"])
+
+
+def test_deep_compression_at_sparsity_zero_keeps_every_weight():
+    posterior, data = _tiny_task()
+    qnet = deep_compression(posterior, data=data, sparsity=0.0, k=4, rounds=1,
+                            retrain_epochs=0, centre_epochs=0)
+    for layer in qnet.layers.values():
+        assert set(layer.codebooks) == {2} and bool((layer.bits == 2).all())
