@@ -558,3 +558,16 @@ def test_deep_compression_at_sparsity_zero_keeps_every_weight():
                             retrain_epochs=0, centre_epochs=0)
     for layer in qnet.layers.values():
         assert set(layer.codebooks) == {2} and bool((layer.bits == 2).all())
+
+
+def test_deep_compression_trains_the_network_its_layers_decode_to():
+    """Centre fine-tuning's forward pass is the quantized net: survivors at their centres,
+    pruned weights at 0."""
+    from pqnet.quantize.deep_compression import _decode
+    posterior, data = _tiny_task()
+    qnet = deep_compression(posterior, data=data, sparsity=0.6, k=4, rounds=1,
+                            retrain_epochs=0, centre_epochs=0)
+    for path, layer in qnet.layers.items():
+        decoded = _decode(layer, layer.codebooks[max(layer.widths)])
+        assert torch.equal(decoded, qnet.weights()[f"{path}.weight"])
+        assert bool((decoded[layer.bits == 0] == 0).all()) and bool((layer.bits == 0).any())
