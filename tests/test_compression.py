@@ -571,3 +571,13 @@ def test_deep_compression_trains_the_network_its_layers_decode_to():
         decoded = _decode(layer, layer.codebooks[max(layer.widths)])
         assert torch.equal(decoded, qnet.weights()[f"{path}.weight"])
         assert bool((decoded[layer.bits == 0] == 0).all()) and bool((layer.bits == 0).any())
+
+
+def test_fine_tuning_draws_from_the_posterior():
+    """Fine-tuning keeps the posterior's noise: its draws have the posterior's means and sds."""
+    from pqnet.quantize.finetune import _draw
+    mu, sigma = torch.tensor([0.5, -1.0, 0.0]), torch.tensor([0.1, 2.0, 0.5])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([_draw(mu, sigma, gen) for _ in range(20_000)])
+    assert torch.allclose(draws.mean(0), mu, atol=4 * sigma.max() / 20_000 ** 0.5)
+    assert torch.allclose(draws.std(0), sigma, rtol=0.03)

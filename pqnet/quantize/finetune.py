@@ -23,6 +23,11 @@ def _rounded(layer: QuantizedLayer, w: torch.Tensor) -> torch.Tensor:
     return w + (layer.decode(layer.encode(w)) - w).detach()
 
 
+def _draw(mu: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw ``mu + sigma * eps``, ``eps ~ N(0, 1)``, of the posterior (its noise is kept)."""
+    return mu + sigma * torch.randn(mu.shape, generator=generator)
+
+
 def _recoded(qnet: QuantizedNet, layer, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """New codes for trained means by the method's own rule: nearest level, or for
     ``sigma-code`` the shortest code within its ``k`` sds."""
@@ -66,8 +71,8 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for x, y in batches(data, batch_size, generator=gen):
-            weights = {weight_name(path): _rounded(layer, means[path] + scales[path] * torch.randn(
-                means[path].shape, generator=gen)) for path, layer in qnet.layers.items()}
+            weights = {weight_name(path): _rounded(layer, _draw(means[path], scales[path], gen))
+                       for path, layer in qnet.layers.items()}
             loss = F.cross_entropy(functional_call(module, weights, (x,), strict=False), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
