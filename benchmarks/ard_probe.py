@@ -45,14 +45,14 @@ def ard_kl(bnn):
 
 def quantized(posterior, kl_weight, fit_part, val, test, seed: int, folder: Path) -> list[dict]:
     """Uniform 2 bits, pruned by each rule, fine-tuned 2 epochs; saved and scored as loaded."""
-    rows, mean = [], posterior.mean_module()
+    rows, mean_val = [], pqnet.evaluate(posterior.mean_module(), val)["accuracy"]
     for rule, value in (("prune", 0.9), ("prune", 0.95), ("prune_fraction", 0.9)):
         qnet = pqnet.quantize(posterior, "uniform", bits=2, data=fit_part, seed=seed,
                               finetune_epochs=2, **{rule: value})
         module = QuantizedNet.load(qnet.save(folder / "q.pqn")).to_module()
         rows.append({"kl_weight": kl_weight, "fitted_kl_weight": posterior.config["kl_weight"],
                      "rule": f"{rule}={value}",
-                     "mean_val": pqnet.evaluate(mean, val)["accuracy"],
+                     "mean_val": mean_val,
                      "pruned": qnet.config["prune"]["fraction"], "size_bytes": qnet.size_bytes,
                      "val_accuracy": pqnet.evaluate(module, val)["accuracy"],
                      "accuracy": pqnet.evaluate(module, test)["accuracy"]})

@@ -95,9 +95,9 @@ def measured(qnet: QuantizedNet, family: str, setting: str, folder: Path, val, t
 
 def pqnet_rows(float_net, fit_part, val, test, seed, args, folder):
     rows, correct, info = [], {}, {}
+    kl_weight = args.kl_weight if args.kl_weight == "auto" else float(args.kl_weight)
     for finetune, candidates in ((args.finetune, PQNET), (args.long_finetune, PRUNED_LONG)):
         start = time.perf_counter()
-        kl_weight = args.kl_weight if args.kl_weight == "auto" else float(args.kl_weight)
         bnn, posterior = fitted(float_net, fit_part, seed, args.epochs - finetune, kl_weight)
         fit_seconds = time.perf_counter() - start
         info[f"finetune={finetune}"] = {

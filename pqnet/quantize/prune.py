@@ -40,12 +40,18 @@ def bayesian_prune(qnet: QuantizedNet, posterior: Posterior, level: float) -> Qu
     """``qnet`` with every weight pruned whose ``level`` credible interval holds zero (see the
     module); ``config["prune"]`` records the level and the fraction pruned."""
     level = _checks.fraction("prune", level, closed_below=True)
-    layers, pruned = dict(qnet.layers), 0
-    for path, mu, sigma in layer_posteriors(posterior):
-        mask = prune_mask(mu, sigma, level)
+    masks = {path: prune_mask(mu, sigma, level) for path, mu, sigma in layer_posteriors(posterior)}
+    return _zeroed(qnet, masks, {"level": level})
+
+
+def _zeroed(qnet: QuantizedNet, masks: dict[str, torch.Tensor], record: dict) -> QuantizedNet:
+    """``qnet`` with each layer's weights where ``masks`` is true at width 0;
+    ``config["prune"]`` is ``record`` and the fraction of all weights pruned."""
+    layers = dict(qnet.layers)
+    for path, mask in masks.items():
         layers[path] = layers[path].pruned(mask)
-        pruned += int(mask.sum())
-    config = {**qnet.config, "prune": {"level": level, "fraction": pruned / qnet.num_weights}}
+    fraction = sum(int(mask.sum()) for mask in masks.values()) / qnet.num_weights
+    config = {**qnet.config, "prune": {**record, "fraction": fraction}}
     return QuantizedNet(layers, qnet.module, qnet.method, config)
 
 
@@ -71,11 +77,6 @@ def magnitude_prune(qnet: QuantizedNet, posterior: Posterior, fraction: float) -
     the whole network, each layer keeping its largest) set to 0 at width 0;
     ``config["prune"]`` records the fraction asked and the fraction pruned."""
     fraction = _checks.fraction("prune_fraction", fraction, closed_below=True)
-    masks = keep_largest({path: mu for path, mu, _ in layer_posteriors(posterior)}, 1 - fraction)
-    layers = dict(qnet.layers)
-    for path, keep in masks.items():
-        layers[path] = layers[path].pruned(~keep)
-    pruned = sum(int((~keep).sum()) for keep in masks.values())
-    config = {**qnet.config, "prune": {"by": "magnitude", "asked": fraction,
-                                       "fraction": pruned / qnet.num_weights}}
-    return QuantizedNet(layers, qnet.module, qnet.method, config)
+    keep = keep_largest({path: mu for path, mu, _ in layer_posteriors(posterior)}, 1 - fraction)
+    return _zeroed(qnet, {path: ~mask for path, mask in keep.items()},
+                   {"by": "magnitude", "asked": fraction})
