@@ -28,10 +28,12 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from .. import __version__
@@ -210,6 +212,43 @@ def _checks_section(result: dict) -> list[str]:
                             "difference": "+.4g", "se": ".2g"}), ""]
 
 
+@dataclass
+class _Run:
+    """What the report's sections read: the run's inputs and everything measured on them."""
+
+    run_dir: Path
+    out: Path
+    metrics: dict
+    bench: dict | None
+    fits: list[Posterior]
+    num_samples: int
+    draws: int
+    max_weights_per_layer: int
+    ood_note: str
+    idata: object = None
+    loo: object = None
+    bnn: dict = field(default_factory=dict)
+    mean: dict = field(default_factory=dict)
+    mean_module: nn.Module | None = None
+    qnets: dict[str, QuantizedNet] = field(default_factory=dict)
+    results: dict[str, dict] = field(default_factory=dict)
+    variants: Sequence[tuple[str, float]] = ()
+    table: object = None
+
+    @property
+    def posterior(self) -> Posterior:
+        return self.fits[0]
+
+    @property
+    def float_size(self) -> int:
+        return raw_bytes(self.mean_module.state_dict().values())
+
+    def figure(self, name: str, fig) -> str:
+        """Save ``fig`` as ``out/name.png``; its Markdown image link."""
+        save_figure(fig, self.out / f"{name}.png")
+        return f"![{name}]({name}.png)"
+
+
 def write_report(
     run_dir: str | os.PathLike,
     *,
@@ -248,215 +287,265 @@ def write_report(
     max_weights_per_layer = _positive_int("max_weights_per_layer", max_weights_per_layer)
     if not variants or any(not isinstance(v, (tuple, list)) or len(v) != 2 for v in variants):
         raise ValueError(f"variants: expected (method, avg_bits) pairs, got {variants!r}")
-    out = run_dir / "report" if out is None else Path(out)
     bench = _bench(run_dir)
     fits = [Posterior.load(p) for p in posterior_files]
-    posterior = fits[0]
+    train, test = _splits(metrics, data_dir)
+    ood_x, ood_note = _ood(ood, ood_dir, test.x, seed)
+    run = _Run(run_dir, run_dir / "report" if out is None else Path(out), metrics, bench, fits,
+               num_samples, draws, max_weights_per_layer, ood_note, variants=variants)
+    run.out.mkdir(parents=True, exist_ok=True)
+    _measure_posterior(run, train, seed)
+    _measure_quantized(run, test, ood_x, seed)
+    md = [*_title(run), *_fitted_section(run), *_posterior_section(run),
+          *_quantized_section(run), *_comparison_section(run), *_bench_section(run)]
+    return atomic_write(run.out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
+
+
+def _splits(metrics: dict, data_dir: str | None) -> tuple[Dataset, Dataset]:
+    """The training and test splits of the data set ``metrics.json`` names."""
     root = data_dir if data_dir is not None else metrics.get("data_dir")
     try:
-        train = datasets.load(metrics["data"], root=root, split="train")
-        test = datasets.load(metrics["data"], root=root, split="test")
+        return (datasets.load(metrics["data"], root=root, split="train"),
+                datasets.load(metrics["data"], root=root, split="test"))
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"data_dir: cannot load the data set {metrics['data']!r} that "
                          f"metrics.json names (from {root}); pass its folder: {err}") from err
-    ood_x, ood_note = _ood(ood, ood_dir, test.x, seed)
-    out.mkdir(parents=True, exist_ok=True)
 
-    def figure(name: str, fig) -> str:
-        save_figure(fig, out / f"{name}.png")
-        return f"![{name}]({name}.png)"
 
-    # the posterior as ArviZ data, on the training split: the data PSIS-LOO is valid for
-    idata = to_inference_data(fits, train, num_samples=draws, seed=seed, split="train",
-                              max_weights_per_layer=max_weights_per_layer)
-    loo = psis_loo(idata)
-    atomic_write(out / "idata.nc", lambda tmp: idata.to_netcdf(str(tmp)))
+# --------------------------------------------------------------------------- measurements
 
-    # the float references and the quantized versions, measured as loaded from their files
-    bnn = predictive_summary(posterior, test, ood=ood_x, num_samples=num_samples, seed=seed)
-    mean_module = posterior.mean_module()
-    mean = predictive_summary(mean_module, test, ood=ood_x)
-    qnets: dict[str, QuantizedNet] = {}
-    results: dict[str, dict] = {}
+
+def _measure_posterior(run: _Run, train: Dataset, seed: int) -> None:
+    """The posterior as ArviZ data on the training split (the data PSIS-LOO is valid for),
+    written to ``idata.nc``, and its PSIS-LOO."""
+    run.idata = to_inference_data(run.fits, train, num_samples=run.draws, seed=seed,
+                                  split="train", max_weights_per_layer=run.max_weights_per_layer)
+    run.loo = psis_loo(run.idata)
+    atomic_write(run.out / "idata.nc", lambda tmp: run.idata.to_netcdf(str(tmp)))
+
+
+def _measure_quantized(run: _Run, test: Dataset, ood_x, seed: int) -> None:
+    """The float references and the quantized versions on the test split, each version
+    measured as loaded from its file, and the held-out table of them all."""
+    posterior, num_samples = run.posterior, run.num_samples
+    run.bnn = predictive_summary(posterior, test, ood=ood_x, num_samples=num_samples, seed=seed)
+    run.mean_module = posterior.mean_module()
+    run.mean = predictive_summary(run.mean_module, test, ood=ood_x)
     with tempfile.TemporaryDirectory() as tmp:
-        for method, budget in variants:
+        for method, budget in run.variants:
             label = f"{method} @ {float(budget):g} bits"
             qnet = quantize(posterior, method, avg_bits=budget, seed=seed)
             path = qnet.save(Path(tmp) / "q.pqn")  # measured as it is stored
-            qnets[label] = QuantizedNet.load(path, module=posterior.module)
-            results[label] = analyze(posterior, qnets[label], test, ood=ood_x, reference=bnn,
-                                     mean_reference=mean, num_samples=num_samples, seed=seed)
-    table = compare_networks({"BNN": posterior, "mean": mean_module, **qnets}, test,
-                             num_samples=num_samples, seed=seed)
+            run.qnets[label] = QuantizedNet.load(path, module=posterior.module)
+            run.results[label] = analyze(posterior, run.qnets[label], test, ood=ood_x,
+                                         reference=run.bnn, mean_reference=run.mean,
+                                         num_samples=num_samples, seed=seed)
+    run.table = compare_networks({"BNN": posterior, "mean": run.mean_module, **run.qnets},
+                                 test, num_samples=num_samples, seed=seed)
 
-    # ---- report.md, top to bottom
-    chains = len(idata.posterior.chain)
-    float_size = raw_bytes(mean_module.state_dict().values())
-    config = metrics.get("config", posterior.config)
-    history = posterior.history
-    md = [f"# pqnet report: {metrics['model']} on {metrics['data']}", "",
-          f"Run folder `{run_dir}`; written {datetime.date.today().isoformat()} by pqnet "
-          f"{__version__}. The sections follow the data: what was fitted, the posterior, "
-          "its quantized versions against it, one table that ranks them all"
-          + (", and the benchmark." if bench else "."), ""]
 
+# --------------------------------------------------------------------------- report.md
+
+
+def _title(run: _Run) -> list[str]:
+    return [f"# pqnet report: {run.metrics['model']} on {run.metrics['data']}", "",
+            f"Run folder `{run.run_dir}`; written {datetime.date.today().isoformat()} by pqnet "
+            f"{__version__}. The sections follow the data: what was fitted, the posterior, "
+            "its quantized versions against it, one table that ranks them all"
+            + (", and the benchmark." if run.bench else "."), ""]
+
+
+def _fitted_section(run: _Run) -> list[str]:
+    """Section 1: the network, the data, the fit's settings and its test metrics."""
+    posterior, metrics = run.posterior, run.metrics
     layers = ", ".join(f"`{path}` {info.kind}" for path, info in posterior.layers.items())
-    md += ["## 1. What was fitted", "",
-           f"- **Network**: `{metrics['model']}` with {posterior.num_weights:,} random "
-           f"weights in {len(posterior.layers)} layers ({layers}); "
-           f"{float_size / 1024:,.1f} KiB in float32.",
-           f"- **Data**: {metrics.get('data_note', metrics['data'])}.",
-           f"- **Posterior**: mean-field Normal `q(w) = prod_i N(mu_i, sigma_i^2)`, fitted by "
-           f"SVI (Pyro `TraceMeanField_ELBO`); {len(fits)} fit(s).", ""]
+    md = ["## 1. What was fitted", "",
+          f"- **Network**: `{metrics['model']}` with {posterior.num_weights:,} random "
+          f"weights in {len(posterior.layers)} layers ({layers}); "
+          f"{run.float_size / 1024:,.1f} KiB in float32.",
+          f"- **Data**: {metrics.get('data_note', metrics['data'])}.",
+          f"- **Posterior**: mean-field Normal `q(w) = prod_i N(mu_i, sigma_i^2)`, fitted by "
+          f"SVI (Pyro `TraceMeanField_ELBO`); {len(run.fits)} fit(s).", ""]
+    config = metrics.get("config", posterior.config)
     if config:
         md += [markdown_table([{"setting": k, "value": json.dumps(v) if isinstance(
             v, (dict, list)) else str(v)} for k, v in config.items()], ["setting", "value"]), ""]
         if float(config.get("kl_weight", 1.0)) != 1.0:
             md += [f"Note: `kl_weight = {config['kl_weight']}`: a tempered posterior, not the "
                    "Bayesian one.", ""]
-    if history:
-        last = history[-1]
+    if posterior.history:
+        history, last = posterior.history, posterior.history[-1]
         md += [f"After {len(history)} epochs ({sum(h['seconds'] for h in history):.1f} s): "
                f"ELBO {last['elbo']:,.1f} nats, expected NLL {last['nll']:.4f} per example, "
                f"KL {last['kl']:,.1f} nats.", ""]
-    md += ["Test split, recomputed here: the BNN's posterior predictive "
-           f"({num_samples} draws) and the network of posterior means.", "",
-           markdown_table([{"network": f"BNN ({num_samples} draws)", **bnn},
-                           {"network": "posterior mean", **mean}],
-                          ["network", "accuracy", "nll", "ece", "entropy", "ood_auroc"]), "",
-           f"`ood_auroc`: how well the predictive entropy separates {ood_note} from the test "
-           "inputs (0.5 is chance).", ""]
+    return md + [
+        "Test split, recomputed here: the BNN's posterior predictive "
+        f"({run.num_samples} draws) and the network of posterior means.", "",
+        markdown_table([{"network": f"BNN ({run.num_samples} draws)", **run.bnn},
+                        {"network": "posterior mean", **run.mean}],
+                       ["network", "accuracy", "nll", "ece", "entropy", "ood_auroc"]), "",
+        f"`ood_auroc`: how well the predictive entropy separates {run.ood_note} from the test "
+        "inputs (0.5 is chance).", ""]
 
-    md += ["## 2. The posterior", "",
-           f"`idata.nc` (ArviZ InferenceData, `az.from_netcdf`) holds {draws} draws x "
-           f"{chains} chain(s) of the weights (at most "
-           f"{max_weights_per_layer} per layer, evenly spaced; dims `out_channel`, "
-           "`in_channel`, `kh`, `kw` / `out_feature`, `in_feature`, prefixed by the layer), "
-           "the per-observation log-likelihood of the training split, posterior-predictive "
-           "replicates, the observed labels and the fit's ELBO history per epoch "
-           f"(`sample_stats`); groups: {', '.join(idata.groups())}.", "",
-           figure("sigma", sigma_plot(posterior, "sigma")),
-           figure("snr", sigma_plot(posterior, "snr")), "",
-           "Posterior sd (dashed: each layer's prior sd) and signal-to-noise ratio "
-           "`|mu| / sigma` per layer: the uncertainty that decides the bits.", "",
-           *_prior_section(posterior),
-           f"`az.summary` ({100 * HDI_PROB:g} % HDI) of a few weights (per layer, the stored "
-           "weights with the lowest and the highest SNR):", "",
-           _frame_table(az.summary(_few_weights(idata), kind="all" if chains > 1 else "stats",
-                                   hdi_prob=HDI_PROB),
-                        "weight", {"ess_bulk": ".0f", "ess_tail": ".0f"}), "",
-           *_loo_section(loo)]
-    if len(fits) > 1:
-        md += ["R-hat and bulk ESS across the chains (independent fits):", "",
-               markdown_table(_convergence(idata),
-                              ["quantity", "rhat_median", "rhat_max", "ess_bulk_min"],
-                              {"ess_bulk_min": ".0f"}), "",
-               "Hidden units can be permuted without changing the network, so weights of "
-               "independent fits need not agree (large R-hat) even when the fits do; the "
-               "per-observation log-likelihood is free of that symmetry: its R-hat near 1 says "
-               "the fits make the same predictions.", ""]
-    else:
-        md += [f"One fit: its {chains} chains are independent draws from `q`, so R-hat and ESS "
-               "only measure Monte Carlo noise. Save further fits (other seeds) in the run "
-               "folder as `posterior-<seed>.pt` to get chains whose R-hat means something.", ""]
 
-    md += ["## 3. Quantized versions", "",
-           "Each version is made from the posterior by `pqnet.quantize(posterior, method, "
-           "avg_bits=...)`, saved, loaded back and measured as loaded. `size` is the length of "
-           "its file (codes entropy-coded, codebooks, code model, header and the float rest), "
-           "`bits/weight` that length in bits per quantized weight. First what each did to the "
-           "predictions on the test split (the checks below, per version); then "
-           "`agreement` and `kl`, its predictive against the BNN's; `hdi`, the fraction of its "
-           f"quantized weights inside their {100 * HDI_PROB:g} % posterior HDI (a posterior "
-           f"draw: {HDI_PROB:g}); `|z|`, the mean quantization error in posterior sds (a "
-           "posterior draw: 0.80). `hdi` and `|z|` cannot see a layer whose posterior stayed "
-           "at the prior (section 2): there any value near the prior passes.", "",
-           *_checks_overview(results)]
-    sd_bytes = raw_bytes(posterior.scale.values())
-    rows = [{"network": f"BNN ({num_samples} draws)", "bits/weight": 64.0,
-             "size_kib": (float_size + sd_bytes) / 1024, **bnn},
-            {"network": "posterior mean", "bits/weight": 32.0,
-             "size_kib": float_size / 1024,
-             "compression": 1.0, **mean}]
-    for label, qnet in qnets.items():
-        r = results[label]
+def _posterior_section(run: _Run) -> list[str]:
+    """Section 2: the posterior's sds and SNRs, its prior movement, a few weights' summaries,
+    PSIS-LOO and the chains' agreement."""
+    idata, posterior = run.idata, run.posterior
+    chains = len(idata.posterior.chain)
+    md = ["## 2. The posterior", "",
+          f"`idata.nc` (ArviZ InferenceData, `az.from_netcdf`) holds {run.draws} draws x "
+          f"{chains} chain(s) of the weights (at most "
+          f"{run.max_weights_per_layer} per layer, evenly spaced; dims `out_channel`, "
+          "`in_channel`, `kh`, `kw` / `out_feature`, `in_feature`, prefixed by the layer), "
+          "the per-observation log-likelihood of the training split, posterior-predictive "
+          "replicates, the observed labels and the fit's ELBO history per epoch "
+          f"(`sample_stats`); groups: {', '.join(idata.groups())}.", "",
+          run.figure("sigma", sigma_plot(posterior, "sigma")),
+          run.figure("snr", sigma_plot(posterior, "snr")), "",
+          "Posterior sd (dashed: each layer's prior sd) and signal-to-noise ratio "
+          "`|mu| / sigma` per layer: the uncertainty that decides the bits.", "",
+          *_prior_section(posterior),
+          f"`az.summary` ({100 * HDI_PROB:g} % HDI) of a few weights (per layer, the stored "
+          "weights with the lowest and the highest SNR):", "",
+          _frame_table(az.summary(_few_weights(idata), kind="all" if chains > 1 else "stats",
+                                  hdi_prob=HDI_PROB),
+                       "weight", {"ess_bulk": ".0f", "ess_tail": ".0f"}), "",
+          *_loo_section(run.loo)]
+    if len(run.fits) > 1:
+        return md + [
+            "R-hat and bulk ESS across the chains (independent fits):", "",
+            markdown_table(_convergence(idata),
+                           ["quantity", "rhat_median", "rhat_max", "ess_bulk_min"],
+                           {"ess_bulk_min": ".0f"}), "",
+            "Hidden units can be permuted without changing the network, so weights of "
+            "independent fits need not agree (large R-hat) even when the fits do; the "
+            "per-observation log-likelihood is free of that symmetry: its R-hat near 1 says "
+            "the fits make the same predictions.", ""]
+    return md + [
+        f"One fit: its {chains} chains are independent draws from `q`, so R-hat and ESS "
+        "only measure Monte Carlo noise. Save further fits (other seeds) in the run "
+        "folder as `posterior-<seed>.pt` to get chains whose R-hat means something.", ""]
+
+
+def _quantized_section(run: _Run) -> list[str]:
+    """Section 3: the quantized versions' checks, one table of them all, their figures and
+    one subsection each."""
+    md = ["## 3. Quantized versions", "",
+          "Each version is made from the posterior by `pqnet.quantize(posterior, method, "
+          "avg_bits=...)`, saved, loaded back and measured as loaded. `size` is the length of "
+          "its file (codes entropy-coded, codebooks, code model, header and the float rest), "
+          "`bits/weight` that length in bits per quantized weight. First what each did to the "
+          "predictions on the test split (the checks below, per version); then "
+          "`agreement` and `kl`, its predictive against the BNN's; `hdi`, the fraction of its "
+          f"quantized weights inside their {100 * HDI_PROB:g} % posterior HDI (a posterior "
+          f"draw: {HDI_PROB:g}); `|z|`, the mean quantization error in posterior sds (a "
+          "posterior draw: 0.80). `hdi` and `|z|` cannot see a layer whose posterior stayed "
+          "at the prior (section 2): there any value near the prior passes.", "",
+          *_checks_overview(run.results),
+          markdown_table(_versions_rows(run),
+                         ["network", "bits/weight", "size_kib", "compression", "unique",
+                          "accuracy", "nll", "ece", "ood_auroc", "agreement", "kl", "hdi", "|z|"],
+                         {"bits/weight": ".2f", "size_kib": ".1f", "compression": ".1f",
+                          "hdi": ".3f", "|z|": ".2f"}), "",
+          "The BNN's size counts a mean and an sd per random weight.", "",
+          run.figure("bits", bits_plot(run.qnets)), "",
+          run.figure("zscores", zscore_plot(run.posterior, run.qnets)), "",
+          "Quantization errors in posterior sds, per layer: a version that stays a plausible "
+          f"posterior draw keeps its mass inside the shaded {100 * HDI_PROB:g} % band (blind "
+          "in layers the data did not inform).", "",
+          run.figure("reliability", reliability_plot(
+              {"BNN": run.bnn["reliability"], "posterior mean": run.mean["reliability"],
+               **{k: r["after"]["reliability"] for k, r in run.results.items()}})), ""]
+    for label in run.qnets:
+        md += _version_section(run, label)
+    return md
+
+
+def _versions_rows(run: _Run) -> list[dict]:
+    """One row per network: the BNN, the mean network and each quantized version."""
+    float_size = run.float_size
+    sd_bytes = raw_bytes(run.posterior.scale.values())
+    rows = [{"network": f"BNN ({run.num_samples} draws)", "bits/weight": 64.0,
+             "size_kib": (float_size + sd_bytes) / 1024, **run.bnn},
+            {"network": "posterior mean", "bits/weight": 32.0, "size_kib": float_size / 1024,
+             "compression": 1.0, **run.mean}]
+    for label, qnet in run.qnets.items():
+        r = run.results[label]
         rows.append({"network": label, "bits/weight": qnet.bits_per_weight,
                      "size_kib": qnet.size_bytes / 1024,
                      "compression": float_size / qnet.size_bytes,
                      "unique": qnet.unique_values, **r["after"], "agreement": r["agreement"],
                      "kl": r["kl"], "hdi": r["hdi_coverage"], "|z|": r["z_abs_mean"]})
-    md += [markdown_table(rows, ["network", "bits/weight", "size_kib", "compression", "unique",
-                                 "accuracy", "nll", "ece", "ood_auroc", "agreement", "kl", "hdi",
-                                 "|z|"],
-                          {"bits/weight": ".2f", "size_kib": ".1f", "compression": ".1f",
-                           "hdi": ".3f", "|z|": ".2f"}), "",
-           "The BNN's size counts a mean and an sd per random weight.", "",
-           figure("bits", bits_plot(qnets)), "",
-           figure("zscores", zscore_plot(posterior, qnets)), "",
-           "Quantization errors in posterior sds, per layer: a version that stays a plausible "
-           f"posterior draw keeps its mass inside the shaded {100 * HDI_PROB:g} % band (blind "
-           "in layers the data did not inform).", "",
-           figure("reliability", reliability_plot(
-               {"BNN": bnn["reliability"], "posterior mean": mean["reliability"],
-                **{k: r["after"]["reliability"] for k, r in results.items()}})), ""]
-    for label, qnet in qnets.items():
-        r = results[label]
-        rho = r["bits_sigma_spearman"]
-        md += [f"### {label}", "",
-               *_checks_section(r),
-               f"{qnet.size_bytes:,} bytes ({qnet.bits_per_weight:.2f} bits per weight, all in; "
-               f"fixed-width codes {qnet.avg_bits:.2f} bits, their entropy "
-               f"{qnet.code_entropy_bits:.2f} bits), {qnet.unique_values} distinct values; "
-               f"accuracy {r['after']['accuracy']:.4f} (BNN {bnn['accuracy']:.4f}), "
-               f"{100 * r['agreement']:.1f} % agreement with the BNN; "
-               f"{100 * r['hdi_coverage']:.1f} % of its weights inside their "
-               f"{100 * HDI_PROB:g} % HDI. {bits_sigma_text(rho)}", "",
-               markdown_table(r["layers"], ["layer", "kind", "weights", "bits", "unique_values",
-                                            "sigma", "snr", "sd_ratio", "hdi_coverage",
-                                            "z_abs_mean", "z_abs_max"],
-                              {"bits": ".2f", "snr": ".2f", "sd_ratio": ".2f",
-                               "hdi_coverage": ".3f", "z_abs_mean": ".2f",
-                               "z_abs_max": ".1f"}), "",
-               figure(f"codebooks-{_slug(label)}", codebook_plot(qnet)), ""]
+    return rows
 
-    md += ["## 4. One table for all: held-out comparison", "",
-           "Every network scored by its exact log predictive density on the test split, which "
-           f"none was fitted on (`compare_networks`): the BNN by the log of its mean predictive "
-           f"over {num_samples} draws, a deterministic network (the mean, each quantized "
-           "version) by `log p(y | x, w)`. `elpd_test` is their sum (higher is better); "
-           "`elpd_diff` and `dse`, the difference to the best and its standard error, are "
-           "paired over the same observations. This is not LOO: nothing is left out or "
-           "importance-sampled (PSIS-LOO of the training data is in section 2).", "",
-           _frame_table(table, "network", {"n": ","}), ""]
 
-    pareto = bench if bench is not None else {
-        "model": metrics["model"], "data": metrics["data"],
-        "float": {"accuracy": bnn["accuracy"]}, "float_mean": {"accuracy": mean["accuracy"]},
-        "rows": [{"method": m, "budget": float(b), "avg_bits": qnets[k].avg_bits,
-                  "bits_per_weight": qnets[k].bits_per_weight,
-                  "accuracy": results[k]["after"]["accuracy"]}
-                 for (m, b), k in zip(variants, qnets, strict=True)]}
-    md += ["## 5. Accuracy against bits" + (": the benchmark (`bench.json`)" if bench else ""),
-           "", figure("pareto", pareto_plot(pareto)), ""]
-    if bench is not None:
-        refs = [{"network": name, **bench[key]} for key, name in (
-            ("float", "BNN posterior predictive"), ("float_mean", "BNN mean network"),
-            ("deterministic", "deterministic net")) if isinstance(bench.get(key), dict)]
-        if refs:
-            md += [markdown_table(refs, ["network", "accuracy", "nll", "ece"]), ""]
-        rows = [{**row, "method": f"{row['method']} k={row['k']}" if "k" in row else
-                 row["method"]} for row in bench["rows"]]
-        columns = [c for c in ("method", "budget", "size_bytes", "bits_per_weight", "accuracy",
-                               "nll", "ece", "code_entropy_bits", "avg_bits", "seconds")
-                   if any(c in row for row in rows)]
-        md += [f"{bench.get('model', '?')} on {bench.get('data', '?')}, seed "
-               f"{bench.get('seed', '?')}:", "",
-               markdown_table(rows, columns, {"budget": "g", "avg_bits": ".2f",
-                                              "bits_per_weight": ".2f",
-                                              "code_entropy_bits": ".2f", "seconds": ".1f"}), ""]
-    else:
-        md += ["The quantized versions above; a `bench.json` in the run folder (`pqnet bench "
-               "--json RUN_DIR/bench.json`) puts every method here.", ""]
+def _version_section(run: _Run, label: str) -> list[str]:
+    """One quantized version: its checks, its file, and its layers."""
+    qnet, r = run.qnets[label], run.results[label]
+    return [f"### {label}", "",
+            *_checks_section(r),
+            f"{qnet.size_bytes:,} bytes ({qnet.bits_per_weight:.2f} bits per weight, all in; "
+            f"fixed-width codes {qnet.avg_bits:.2f} bits, their entropy "
+            f"{qnet.code_entropy_bits:.2f} bits), {qnet.unique_values} distinct values; "
+            f"accuracy {r['after']['accuracy']:.4f} (BNN {run.bnn['accuracy']:.4f}), "
+            f"{100 * r['agreement']:.1f} % agreement with the BNN; "
+            f"{100 * r['hdi_coverage']:.1f} % of its weights inside their "
+            f"{100 * HDI_PROB:g} % HDI. {bits_sigma_text(r['bits_sigma_spearman'])}", "",
+            markdown_table(r["layers"], ["layer", "kind", "weights", "bits", "unique_values",
+                                         "sigma", "snr", "sd_ratio", "hdi_coverage",
+                                         "z_abs_mean", "z_abs_max"],
+                           {"bits": ".2f", "snr": ".2f", "sd_ratio": ".2f",
+                            "hdi_coverage": ".3f", "z_abs_mean": ".2f", "z_abs_max": ".1f"}),
+            "", run.figure(f"codebooks-{_slug(label)}", codebook_plot(qnet)), ""]
 
-    path = atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(md)))
-    return path
+
+def _comparison_section(run: _Run) -> list[str]:
+    """Section 4: every network's exact held-out log predictive density."""
+    return ["## 4. One table for all: held-out comparison", "",
+            "Every network scored by its exact log predictive density on the test split, which "
+            "none was fitted on (`compare_networks`): the BNN by the log of its mean predictive "
+            f"over {run.num_samples} draws, a deterministic network (the mean, each quantized "
+            "version) by `log p(y | x, w)`. `elpd_test` is their sum (higher is better); "
+            "`elpd_diff` and `dse`, the difference to the best and its standard error, are "
+            "paired over the same observations. This is not LOO: nothing is left out or "
+            "importance-sampled (PSIS-LOO of the training data is in section 2).", "",
+            _frame_table(run.table, "network", {"n": ","}), ""]
+
+
+def _bench_section(run: _Run) -> list[str]:
+    """Section 5: accuracy against bits, of the benchmark when the folder has one, else of
+    the quantized versions above."""
+    bench = run.bench
+    md = ["## 5. Accuracy against bits" + (": the benchmark (`bench.json`)" if bench else ""),
+          "", run.figure("pareto", pareto_plot(bench or _versions_pareto(run))), ""]
+    if bench is None:
+        return md + ["The quantized versions above; a `bench.json` in the run folder (`pqnet "
+                     "bench --json RUN_DIR/bench.json`) puts every method here.", ""]
+    refs = [{"network": name, **bench[key]} for key, name in (
+        ("float", "BNN posterior predictive"), ("float_mean", "BNN mean network"),
+        ("deterministic", "deterministic net")) if isinstance(bench.get(key), dict)]
+    if refs:
+        md += [markdown_table(refs, ["network", "accuracy", "nll", "ece"]), ""]
+    rows = [{**row, "method": f"{row['method']} k={row['k']}" if "k" in row else
+             row["method"]} for row in bench["rows"]]
+    columns = [c for c in ("method", "budget", "size_bytes", "bits_per_weight", "accuracy",
+                           "nll", "ece", "code_entropy_bits", "avg_bits", "seconds")
+               if any(c in row for row in rows)]
+    return md + [f"{bench.get('model', '?')} on {bench.get('data', '?')}, seed "
+                 f"{bench.get('seed', '?')}:", "",
+                 markdown_table(rows, columns, {"budget": "g", "avg_bits": ".2f",
+                                                "bits_per_weight": ".2f",
+                                                "code_entropy_bits": ".2f", "seconds": ".1f"}),
+                 ""]
+
+
+def _versions_pareto(run: _Run) -> dict:
+    """The quantized versions in :func:`~pqnet.diagnostics.plots.pareto_plot`'s input."""
+    return {"model": run.metrics["model"], "data": run.metrics["data"],
+            "float": {"accuracy": run.bnn["accuracy"]},
+            "float_mean": {"accuracy": run.mean["accuracy"]},
+            "rows": [{"method": m, "budget": float(b), "avg_bits": run.qnets[k].avg_bits,
+                      "bits_per_weight": run.qnets[k].bits_per_weight,
+                      "accuracy": run.results[k]["after"]["accuracy"]}
+                     for (m, b), k in zip(run.variants, run.qnets, strict=True)]}
