@@ -338,26 +338,15 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     size_bytes, bits_per_weight, accuracy, nll, ece, code_entropy_bits, avg_bits, ...}],
     "skipped": [...]}``
     """
-    if model not in models.MODELS:
-        raise ValueError(f"model: unknown model {model!r}; expected one of "
-                         f"{', '.join(models.MODELS)}")
-    if data not in datasets.DATASETS:
-        raise ValueError(f"data: unknown data set {data!r}; expected one of "
-                         f"{', '.join(datasets.DATASETS)}")
+    _check_run(model, data, epochs=epochs, num_samples=num_samples, batch_size=batch_size,
+               finetune_epochs=finetune_epochs, pwfn_epochs=pwfn_epochs,
+               pwfn_retrain_epochs=pwfn_retrain_epochs, bnn_init=bnn_init)
     methods = _check_names(methods, list(METHODS), "methods")
     budgets = [float(b) for b in _check_numbers(budgets, "budgets", 1, 8)]
     kmeans_ks = _check_numbers(kmeans_ks, "kmeans_ks", 2, 256, integer=True)
     brevitas_bits = _check_numbers(brevitas_bits, "brevitas_bits", 2, 8, integer=True)
-    for name, value in (("epochs", epochs), ("num_samples", num_samples),
-                        ("batch_size", batch_size)):
-        _check_numbers([value], name, 1, math.inf, integer=True)
-    _check_numbers([finetune_epochs], "finetune_epochs", 0, math.inf, integer=True)
-    _check_numbers([pwfn_epochs], "pwfn_epochs", 1, math.inf, integer=True)
-    _check_numbers([pwfn_retrain_epochs], "pwfn_retrain_epochs", 0, math.inf, integer=True)
     pwfn_thresholds = [float(t) for t in _check_numbers(pwfn_thresholds, "pwfn_thresholds",
                                                         1e-3, 1e3)]
-    if bnn_init not in ("scratch", "deterministic"):
-        raise ValueError(f"bnn_init: expected 'scratch' or 'deterministic', got {bnn_init!r}")
     bnn_epochs = epochs if bnn_epochs is None else bnn_epochs
     _check_numbers([bnn_epochs], "bnn_epochs", 1, math.inf, integer=True)
     extra = {"finetune_epochs": finetune_epochs} if finetune_epochs > 0 else {}
@@ -365,21 +354,13 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     train, test = datasets.load(data, root=data_dir)
     log(train.note)
     skipped: list[str] = []
-
-    # the deterministic float net
-    net = _fresh(model, train, seed)
-    seconds = train_network(net, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    deterministic = {**_scores(evaluate(net, test)), "seconds": seconds}
-    log(f"deterministic net trained in {seconds:.1f} s")
-
-    # the BNN: posterior predictive and mean network
+    net, deterministic = _deterministic(model, train, test, epochs=epochs,
+                                        batch_size=batch_size, lr=lr, seed=seed, log=log)
     start = time.perf_counter()
-    init = net if bnn_init == "deterministic" else _fresh(model, train, seed)
-    # a BNN from the trained net needs no warm start
-    posterior: Posterior = fit(bayesian(init), train, epochs=bnn_epochs, batch_size=batch_size,
-                               lr=lr, kl_weight=kl_weight, lr_schedule=lr_schedule, seed=seed,
-                               warm_start=0 if bnn_init == "deterministic" else "auto",
-                               progress=progress)
+    posterior = _fit_bnn(net if bnn_init == "deterministic" else _fresh(model, train, seed),
+                         train, from_trained=bnn_init == "deterministic", epochs=bnn_epochs,
+                         batch_size=batch_size, lr=lr, kl_weight=kl_weight,
+                         lr_schedule=lr_schedule, seed=seed, progress=progress)
     fit_seconds = time.perf_counter() - start
     log(f"BNN fitted: {bnn_epochs} epochs from {bnn_init} in {fit_seconds:.1f} s")
     results: dict = {
@@ -425,6 +406,35 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     print_results(results, log)
     _write(results, json_path, plot_path, log)
     return results
+
+
+def _check_run(model: str, data: str, *, bnn_init: str, **counts: int) -> None:
+    """Raise a ``ValueError`` naming the first bad argument of :func:`run_benchmark`."""
+    if model not in models.MODELS:
+        raise ValueError(f"model: unknown model {model!r}; expected one of "
+                         f"{', '.join(models.MODELS)}")
+    if data not in datasets.DATASETS:
+        raise ValueError(f"data: unknown data set {data!r}; expected one of "
+                         f"{', '.join(datasets.DATASETS)}")
+    least = {"finetune_epochs": 0, "pwfn_retrain_epochs": 0}  # the others need at least 1
+    for name, value in counts.items():
+        _check_numbers([value], name, least.get(name, 1), math.inf, integer=True)
+    if bnn_init not in ("scratch", "deterministic"):
+        raise ValueError(f"bnn_init: expected 'scratch' or 'deterministic', got {bnn_init!r}")
+
+
+def _deterministic(model: str, train: Dataset, test: Dataset, *, epochs: int, batch_size: int,
+                   lr: float, seed: int, log: Callable[[str], None]) -> tuple[nn.Module, dict]:
+    """The float net trained from ``seed``'s initial weights, and its test scores."""
+    net = _fresh(model, train, seed)
+    seconds = train_network(net, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    log(f"deterministic net trained in {seconds:.1f} s")
+    return net, {**_scores(evaluate(net, test)), "seconds": seconds}
+
+
+def _fit_bnn(init: nn.Module, train: Dataset, *, from_trained: bool, **options) -> Posterior:
+    """``pqnet.fit`` of ``bayesian(init)``; a BNN from the trained net needs no warm start."""
+    return fit(bayesian(init), train, warm_start=0 if from_trained else "auto", **options)
 
 
 def _pwfn_rows(net: nn.Module, train: Dataset, test: Dataset, folder: Path, *, epochs: int,
