@@ -996,3 +996,56 @@ def test_a_posterior_refuses_bad_sds_and_keeps_its_copies(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a posterior")
     with pytest.raises(ValueError, match="is not a readable pqnet posterior"):
         Posterior.load(tmp_path / "bad.pt")
+
+
+# --------------------------------------------------------------------------- temperature
+
+
+class _WithUnusedLayer(nn.Module):
+    """Softmax regression, plus a Linear layer the forward pass never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(5, 3), nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_fisher_diagonal_is_the_batch_weighted_mean_of_squared_batch_gradients():
+    """``h = (1 / |batches|) sum_b |b| gbar_b^2`` by hand, in data order, for softmax
+    regression, whose per-example gradients are ``(p - e_y) x^T`` and ``p - e_y``; 23
+    examples in batches of 10 (the last one partial); a weight the network never uses has
+    no gradient: its Fisher is 0."""
+    from pqnet.inference.temperature import fisher_diagonal
+
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(_WithUnusedLayer())
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(23, 5, generator=gen), torch.randint(0, 3, (23,), generator=gen)
+    fisher = fisher_diagonal(bnn, TensorDataset(x, y), 10, torch.device("cpu"))
+    weight, bias = (bnn.guide.loc_of(f"net.used.{n}").detach() for n in ("weight", "bias"))
+    residual = torch.softmax(x @ weight.T + bias, 1) - nn.functional.one_hot(y, 3)
+    sums = {"weight": torch.zeros(3, 5), "bias": torch.zeros(3)}
+    for part in (slice(0, 10), slice(10, 20), slice(20, 23)):
+        r, xb = residual[part], x[part]
+        sums["weight"] += len(xb) * (r.T @ xb / len(xb)).square()
+        sums["bias"] += len(xb) * r.mean(0).square()
+    for name, total in sums.items():
+        assert torch.allclose(fisher[f"net.used.{name}"], total / 3, rtol=1e-5, atol=1e-8)
+    assert not fisher["net.unused.weight"].any() and not fisher["net.unused.bias"].any()
+    with pytest.raises(ValueError, match="^train_dataset: "):
+        fisher_diagonal(bnn, TensorDataset(x, y.float() + 0.5), 10, torch.device("cpu"))
+
+
+def test_tempered_scales_are_the_tempered_gaussian_posterior_sds():
+    """``sigma = sqrt(beta / (N h + beta / s^2))`` with ``s`` each layer's prior sd."""
+    from pqnet.inference.temperature import tempered_scales
+
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(nn.Sequential(nn.Linear(4, 3)), prior=0.5)
+    fisher = {site: torch.rand(bnn.guide.loc_of(site).shape) for site in bnn.sites}
+    scales = tempered_scales(bnn, fisher, 0.01, 200)
+    for site in bnn.sites:
+        expected = (0.01 / (200 * fisher[site] + 0.01 / 0.5 ** 2)).sqrt()
+        assert torch.allclose(scales[site], expected, rtol=1e-6)

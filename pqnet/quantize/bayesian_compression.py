@@ -15,12 +15,6 @@ from .grids import MAX_BITS, grid_layer
 from .qnet import QuantizedNet
 
 
-def precision_bits(mu: torch.Tensor, sigma: torch.Tensor, sigma_scale: float = 1.0) -> int:
-    """The layer's width ``clamp(ceil(mean_i log2(1 + R / (2 s sigma_i))), 1, 8)``,
-    ``R = 2 max|mu|``, ``s = sigma_scale``."""
-    return _width(_levels_per_sigma(mu, sigma), sigma_scale)
-
-
 def _levels_per_sigma(mu: torch.Tensor, sigma: torch.Tensor) -> np.ndarray:
     """``R / (2 sigma_i)``, in numpy: the budget search evaluates it many times, and tiny
     torch ops pay for a thread-pool hand-off each."""
