@@ -225,12 +225,18 @@ def _row(method: str, budget: float, qnet: QuantizedNet, scores: dict, seconds: 
 
 
 def row_label(row: dict) -> str:
-    """A row's method, with its k (k-means) or threshold (PWFN)."""
+    """A row's method, with its k (k-means) or threshold (PWFN), its pruning and its
+    fine-tuning."""
+    label = row["method"]
     if row["method"] == "kmeans":
-        return f"kmeans k={row['k']}"
+        label += f" k={row['k']}"
     if row["method"] == "pwfn":
-        return f"pwfn t={row['threshold']:g}"
-    return row["method"]
+        label += f" t={row['threshold']:g}"
+    if row.get("prune_fraction"):
+        label += f", pruned {row['prune_fraction']:g}"
+    if row.get("finetune_epochs"):
+        label += f", fine-tuned {row['finetune_epochs']}"
+    return label
 
 
 def print_results(results: dict, log: Callable[[str], None] = print) -> None:
@@ -263,11 +269,12 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
     ``finetune_epochs``) go to every :func:`pqnet.quantize` call but PWFN's, which retrains
     in its own rounds."""
     skipped = [] if skipped is None else skipped
+    pruned = f"_p{options['prune_fraction']:g}" if options.get("prune_fraction") else ""
     runs = []  # (method, quantize keywords, budget (None: the result's avg_bits), file stem)
     for m in methods:
         if m == "kmeans":
-            runs += [(m, {"k": k, **options}, max(1, math.ceil(math.log2(k))), f"kmeans_k{k}")
-                     for k in kmeans_ks]
+            runs += [(m, {"k": k, **options}, max(1, math.ceil(math.log2(k))),
+                      f"kmeans_k{k}{pruned}") for k in kmeans_ks]
         elif m == "deep-compression":  # its own settings and training, no bit budget
             runs.append((m, {}, None, m))
         elif m == "pwfn":
@@ -275,7 +282,7 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
                      for t in pwfn_thresholds]
         else:  # sigma-code's budget is its code entropy, the others' their code width
             key = "code_bits" if m == "sigma-code" else "avg_bits"
-            runs += [(m, {key: b, **options}, b, f"{m}_b{b:g}") for b in budgets]
+            runs += [(m, {key: b, **options}, b, f"{m}_b{b:g}{pruned}") for b in budgets]
     rows = []
     for method, keywords, budget, stem in runs:
         start = time.perf_counter()
@@ -288,7 +295,7 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
         seconds = time.perf_counter() - start
         file = folder / f"{stem}.pqn"
         scores, loaded = _measure(qnet, file, test)
-        info = {"file": file.name}
+        info = {"file": file.name, **({} if method == "pwfn" else options)}
         if method in ("kmeans", "pwfn"):
             key = "k" if method == "kmeans" else "threshold"
             info[key] = keywords[key]

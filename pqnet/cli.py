@@ -219,6 +219,9 @@ def describe_fit(config: dict) -> str:
 
 
 DEMO_BUDGETS = (1.5, 2.0, 3.0, 4.0)
+DEMO_PRUNED = {"prune_fraction": 0.9, "finetune_epochs": 8}
+"""The demo's pruned row: the recipe that gave the compression frontier's smallest files
+(chosen on MNIST validation images, ``benchmarks/frontier.py``), not tuned on digits."""
 METRICS_FORMAT = ("pqnet.run-metrics", 1)  # the format and version fields of metrics.json
 DEMO_FORMAT = ("pqnet.demo-results", 1)  # ... and of the demo's quantize.json
 
@@ -230,9 +233,11 @@ def _demo(args: argparse.Namespace) -> None:
     if result is None:  # a process other than the first under torchrun
         return
     train, test = datasets.load("digits")
+    common = {"folder": args.out / "quantized", "seed": args.seed, "log": lambda line: None}
     rows = quantized_rows(posterior, train, test, methods=list(METHODS), budgets=DEMO_BUDGETS,
-                          kmeans_ks=(4, 8, 16), folder=args.out / "quantized",
-                          seed=args.seed, log=lambda line: None)
+                          kmeans_ks=(4, 8, 16), **common)
+    rows += quantized_rows(posterior, train, test, methods=["uniform"], budgets=(2.0,),
+                           kmeans_ks=(), **DEMO_PRUNED, **common)
     print()
     print(format_table([{**r, "method": row_label(r)} for r in rows],
                        ["method", "budget", "size_bytes", "bits_per_weight", "accuracy", "nll",

@@ -160,3 +160,10 @@ def test_demo_writes_every_method_as_a_file_it_scores(tmp_path, capsys, monkeypa
     loaded = pqnet.QuantizedNet.load(out / "quantized" / kmeans["file"])
     assert pqnet.evaluate(loaded, test)["accuracy"] == kmeans["accuracy"]
     assert (out / "posterior.pt").is_file()
+    # the pruned recipe's row: its own file, 90 % zeros, smaller than the plain 2-bit grid's
+    plain, pruned = (r for r in results["rows"] if r["method"] == "uniform")
+    assert (pruned["prune_fraction"], pruned["finetune_epochs"]) == (0.9, 8)
+    assert pruned["file"] != plain["file"] and pruned["size_bytes"] < plain["size_bytes"]
+    weights = pqnet.QuantizedNet.load(out / "quantized" / pruned["file"]).weights().values()
+    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * loaded.num_weights)
+    assert "uniform, pruned 0.9, fine-tuned 8" in printed
