@@ -1049,3 +1049,25 @@ def test_tempered_scales_are_the_tempered_gaussian_posterior_sds():
     for site in bnn.sites:
         expected = (0.01 / (200 * fisher[site] + 0.01 / 0.5 ** 2)).sqrt()
         assert torch.allclose(scales[site], expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- Bayesian Compression
+
+
+def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_budget_scale():
+    """``b = ceil(mean_i log2(1 + R / (2 s sigma_i)))``, ``R = 2 max|mu|``: with
+    ``max|mu| = 1`` and ``sigma = 1/6`` that is ``ceil(log2 7) = 3`` bits at ``s = 1``; a
+    2-bit budget needs ``6 / s <= 3``, so the smallest common scale is ``s = 2``."""
+    from tests.test_quantize import make_posterior
+
+    module = nn.Linear(4, 3)
+    with torch.no_grad():
+        module.weight.copy_(torch.linspace(-1.0, 0.5, 12).reshape(3, 4))
+    posterior = make_posterior(module, {"weight": torch.full((3, 4), 1 / 6)})
+    plain = pqnet.quantize(posterior, "bayesian-compression")
+    assert plain.layers[""].widths == [3] and plain.config["sigma_scale"] == 1.0
+    budget = pqnet.quantize(posterior, "bayesian-compression", avg_bits=2.0)
+    assert budget.layers[""].widths == [2]
+    assert budget.config["sigma_scale"] == pytest.approx(2.0, rel=1e-3)
+    with pytest.raises(ValueError, match="^per_channel: "):
+        pqnet.quantize(posterior, "bayesian-compression", per_channel="yes")
