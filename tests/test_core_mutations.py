@@ -1071,3 +1071,37 @@ def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_bud
     assert budget.config["sigma_scale"] == pytest.approx(2.0, rel=1e-3)
     with pytest.raises(ValueError, match="^per_channel: "):
         pqnet.quantize(posterior, "bayesian-compression", per_channel="yes")
+
+
+def test_the_kl_weight_is_the_warmest_within_one_paired_se_of_the_best():
+    """The one-standard-error rule on the held-out NLL of each tempered posterior: with the
+    Fisher at 1 and a tiny data set every warmer posterior is clearly worse, so the grid's
+    floor (1e-5) is chosen; with a larger one 1e-4 is within one paired se of 1e-5's NLL and
+    is chosen, though 1e-5 scores best."""
+    from pqnet.inference import temperature
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 3))
+    gen = torch.Generator().manual_seed(2)
+    truth = torch.randn(3, 5, generator=gen)
+    with torch.no_grad():
+        net[0].weight.copy_(3 * truth)
+        net[0].bias.zero_()
+    bnn = pqnet.bayesian(net)
+    x = torch.randn(300, 5, generator=gen)
+    val = TensorDataset(x, (x @ truth.T).argmax(1))
+    fisher = {site: torch.ones_like(bnn.guide.loc_of(site)) for site in bnn.sites}
+    cpu = torch.device("cpu")
+    for fit_size, chosen in ((1e-3, 5), (1.0, 4)):
+        got = temperature.choose_kl_weight(bnn, fisher, fit_size, val, 0, cpu)
+        scores = [temperature.predictive_log_lik(bnn, temperature.tempered_scales(
+            bnn, fisher, beta, fit_size), val, 300, 0, cpu) for beta in temperature.KL_WEIGHTS]
+        nll = [float(-s.mean()) for s in scores]
+        se = [float((s - scores[5]).std() / math.sqrt(300)) for s in scores]
+        assert min(range(6), key=nll.__getitem__) == 5  # the coldest scores best
+        assert nll[chosen] - nll[5] <= se[chosen] and all(
+            nll[i] - nll[5] > se[i] for i in range(chosen))
+        assert got == {"kl_weight": temperature.KL_WEIGHTS[chosen], "grid": [1.0, 0.1, 0.01,
+                       1e-3, 1e-4, 1e-5], "val_nll": pytest.approx(nll, rel=1e-12),
+                       "val_nll_se_to_best": pytest.approx(se, rel=1e-9), "val_size": 300,
+                       "draws": 16, "at_grid_floor": chosen == 5}
