@@ -1105,3 +1105,28 @@ def test_the_kl_weight_is_the_warmest_within_one_paired_se_of_the_best():
                        1e-3, 1e-4, 1e-5], "val_nll": pytest.approx(nll, rel=1e-12),
                        "val_nll_se_to_best": pytest.approx(se, rel=1e-9), "val_size": 300,
                        "draws": 16, "at_grid_floor": chosen == 5}
+
+
+# --------------------------------------------------------------------------- sigma-bits
+
+
+def test_sigma_bits_records_its_defaults_and_rounds_per_channel_when_asked():
+    """Defaults: ``k = 1``, one grid per layer and width, seed 0, all in the config. With
+    ``per_channel`` both the widths (each weight's error against its own channel's grids)
+    and the stored grids are per output channel."""
+    from pqnet.quantize.sigma_bits import bits_at, error_ratios
+
+    posterior = linear_posterior()
+    mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
+    default = pqnet.quantize(posterior, "sigma-bits")
+    assert default.config == {"k": 1.0, "avg_bits": None, "per_channel": False, "seed": 0}
+    assert torch.equal(default.layers[""].bits, bits_at(error_ratios(mu, sigma, False), 1.0))
+    assert all(len(levels) == 1 for levels in default.layers[""].codebooks.values())
+    channel = pqnet.quantize(posterior, "sigma-bits", k=1.0, per_channel=True, seed=3)
+    assert channel.config == {"k": 1.0, "avg_bits": None, "per_channel": True, "seed": 3}
+    expected = bits_at(error_ratios(mu, sigma, True), 1.0)
+    assert torch.equal(channel.layers[""].bits, expected)
+    assert not torch.equal(expected, default.layers[""].bits)
+    assert all(len(levels) == 40 for levels in channel.layers[""].codebooks.values())
+    with pytest.raises(ValueError, match="^per_channel: "):
+        pqnet.quantize(posterior, "sigma-bits", per_channel=1)
