@@ -1069,6 +1069,9 @@ def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_bud
     budget = pqnet.quantize(posterior, "bayesian-compression", avg_bits=2.0)
     assert budget.layers[""].widths == [2]
     assert budget.config["sigma_scale"] == pytest.approx(2.0, rel=1e-3)
+    one = pqnet.quantize(posterior, "bayesian-compression", avg_bits=1.0)  # 6 / s <= 1
+    assert one.layers[""].widths == [1]
+    assert one.config["sigma_scale"] == pytest.approx(6.0, rel=1e-3)
     with pytest.raises(ValueError, match="^per_channel: "):
         pqnet.quantize(posterior, "bayesian-compression", per_channel="yes")
 
