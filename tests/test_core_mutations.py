@@ -1133,3 +1133,30 @@ def test_sigma_bits_records_its_defaults_and_rounds_per_channel_when_asked():
     assert all(len(levels) == 40 for levels in channel.layers[""].codebooks.values())
     with pytest.raises(ValueError, match="^per_channel: "):
         pqnet.quantize(posterior, "sigma-bits", per_channel=1)
+
+
+# --------------------------------------------------------------------------- quantile-inform
+
+
+def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
+    """Defaults ``k = 1``, ``q = 0.9``; ``q = 1`` is allowed (every weight's need met) and
+    anything outside ``(0, 1]`` or not a number is refused; with ``per_channel`` the needs
+    are measured against each channel's own grids."""
+    from pqnet.quantize.quantile_inform import quantile_ratios
+    from pqnet.quantize.sigma_bits import bits_at, error_ratios
+
+    posterior = linear_posterior()
+    mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
+    default = pqnet.quantize(posterior, "quantile-inform")
+    assert default.config == {"avg_bits": None, "k": 1.0, "q": 0.9, "per_channel": False,
+                              "seed": 0}
+    assert default.layers[""].widths == [int(bits_at(quantile_ratios(
+        error_ratios(mu, sigma, False), 0.9), 1.0))]
+    channel = pqnet.quantize(posterior, "quantile-inform", k=8.0, q=1.0, per_channel=True)
+    assert channel.config["k"] == 8.0 and channel.config["q"] == 1.0
+    widths = [int(bits_at(quantile_ratios(error_ratios(mu, sigma, per), 1.0), 8.0))
+              for per in (True, False)]
+    assert channel.layers[""].widths == [widths[0]] and widths[0] != widths[1]
+    for bad in (True, "0.5", 0.0, 1.5):
+        with pytest.raises(ValueError, match="^q: expected a quantile"):
+            pqnet.quantize(posterior, "quantile-inform", q=bad)
