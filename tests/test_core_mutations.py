@@ -1117,11 +1117,11 @@ def test_sigma_bits_records_its_defaults_and_rounds_per_channel_when_asked():
     """Defaults: ``k = 1``, one grid per layer and width, seed 0, all in the config. With
     ``per_channel`` both the widths (each weight's error against its own channel's grids)
     and the stored grids are per output channel."""
-    from pqnet.quantize.sigma_bits import bits_at, error_ratios
+    from pqnet.quantize.sigma_bits import bits_at, error_ratios, sigma_bits
 
     posterior = linear_posterior()
     mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
-    default = pqnet.quantize(posterior, "sigma-bits")
+    default = sigma_bits(posterior)  # its own defaults, not quantize's
     assert default.config == {"k": 1.0, "avg_bits": None, "per_channel": False, "seed": 0}
     assert torch.equal(default.layers[""].bits, bits_at(error_ratios(mu, sigma, False), 1.0))
     assert all(len(levels) == 1 for levels in default.layers[""].codebooks.values())
@@ -1160,3 +1160,5 @@ def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
     for bad in (True, "0.5", 0.0, 1.5):
         with pytest.raises(ValueError, match="^q: expected a quantile"):
             pqnet.quantize(posterior, "quantile-inform", q=bad)
+    with pytest.raises(ValueError, match="^k: "):
+        pqnet.quantize(posterior, "quantile-inform", k=-1.0)
