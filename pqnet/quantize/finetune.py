@@ -58,9 +58,7 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
     A stratified ``calibration`` fraction of ``data`` (drawn by ``seed``) is held out of the
     training and calibrates the result: the temperature minimising its NLL there is folded
     into the last quantized layer (:func:`~pqnet.quantize.calibrate.calibrate`, no bytes
-    added). ``calibration=0`` trains on all of ``data`` and leaves the logits as they are;
-    with a held-out part of a few dozen examples the temperature is noisy, so small data
-    sets are better fine-tuned that way.
+    added). ``calibration=0`` trains on all of ``data`` and leaves the logits as they are.
     """
     epochs = _checks.int_in("finetune_epochs", epochs, 1, 10_000)
     lr = _checks.nonnegative_float("finetune_lr", lr)
