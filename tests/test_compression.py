@@ -2,18 +2,16 @@
 the Deep Compression baseline, and the paired test that compares them."""
 
 import logging
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import pqnet
-from pqnet.quantize import calibrate, codec, deep_compression, finetune
+from pqnet.quantize import codec, deep_compression, finetune
 from pqnet.quantize.prune import credible_z, keep_largest, magnitude_prune, prune_mask
 from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid
 from tests.test_quantize import make_posterior
@@ -301,7 +299,7 @@ def test_fine_tuning_re_rounds_sigma_code_by_its_own_rule():
     posterior.scale.update({k: torch.full_like(v, 0.05) for k, v in posterior.scale.items()})
     before = pqnet.quantize(posterior, "sigma-code", code_bits=1.0)
     after = pqnet.quantize(posterior, "sigma-code", code_bits=1.0, data=data,
-                           finetune_epochs=2, finetune_lr=1e-2, finetune_calibration=0)
+                           finetune_epochs=2, finetune_lr=1e-2)
     assert after.config["finetune"]["epochs"] == 2
     assert after.code_entropy_bits <= before.code_entropy_bits + 0.25
     for path, layer in after.layers.items():
@@ -462,12 +460,10 @@ def test_fine_tuning_at_lr_zero_keeps_the_codes_and_records_its_settings(method)
     for path, layer in qnet.layers.items():
         assert torch.equal(tuned.layers[path].codes, layer.codes)
     assert tuned.method == method
-    assert tuned.config["finetune"] == {"epochs": 1, "lr": 0.0, "batch_size": 64, "seed": 0,
-                                        "calibration": 0.1}
-    _, default = _finetuned(posterior, data, method, epochs=1, calibration=0.0)
+    assert tuned.config["finetune"] == {"epochs": 1, "lr": 0.0, "batch_size": 64, "seed": 0}
+    _, default = _finetuned(posterior, data, method, epochs=1)
     assert default.config["finetune"] == {"epochs": 1, "lr": 1e-3, "batch_size": 64,
-                                          "seed": 0, "calibration": 0.0}
-    assert "calibration" not in default.config
+                                          "seed": 0}
 
 
 def test_fine_tuning_is_the_same_for_the_same_seed_and_leaves_the_posterior_alone():
@@ -585,68 +581,3 @@ def test_fine_tuning_draws_from_the_posterior():
     draws = torch.stack([_draw(mu, sigma, gen) for _ in range(20_000)])
     assert torch.allclose(draws.mean(0), mu, atol=4 * sigma.max() / 20_000 ** 0.5)
     assert torch.allclose(draws.std(0), sigma, rtol=0.03)
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def test_the_inverse_temperature_is_the_nll_optimum_in_closed_form():
-    """Logits ``(a, 0)`` on every example, 8 of 10 labelled 0: the NLL is least where
-    ``sigmoid(b a) = 0.8``, i.e. ``b = log(4) / a``."""
-    from pqnet.quantize.calibrate import inverse_temperature
-
-    labels = torch.tensor([0] * 8 + [1] * 2)
-    for a in (0.5, 2.0, 40.0):
-        logits = torch.tensor([[a, 0.0]]).repeat(10, 1)
-        assert inverse_temperature(logits, labels) == pytest.approx(math.log(4) / a, rel=1e-9)
-    assert inverse_temperature(torch.tensor([[1.0, 0.0]] * 2), torch.tensor([0, 0])) == \
-        pytest.approx(math.exp(7.0))  # always right: as cold as the range allows
-
-
-def test_calibration_folds_the_temperature_into_the_output_layer_and_lowers_the_nll():
-    """The calibrated net's logits are ``b`` times the old ones (the last layer's grid
-    scales and bias times ``b``, the same codes), and ``b`` is where the held-out NLL is
-    least."""
-    posterior, data = _tiny_task()
-    qnet = pqnet.quantize(posterior, "uniform", bits=2)
-    calibrated = calibrate(qnet, data)
-    b = 1 / calibrated.config["calibration"]["temperature"]
-    assert calibrated.config["calibration"]["examples"] == len(data) and b != 1.0
-    for path, layer in qnet.layers.items():
-        assert torch.equal(calibrated.layers[path].codes, layer.codes)
-        factor = b if path == "2" else 1.0
-        assert torch.allclose(calibrated.layers[path].scales[2], layer.scales[2] * factor)
-    x, y = data.tensors
-    old, new = qnet.to_module()(x).detach(), calibrated.to_module()(x).detach()
-    assert torch.allclose(new, b * old, rtol=1e-4, atol=1e-5)
-    nll = [float(F.cross_entropy(s * old, y)) for s in (b, 0.95 * b, 1.05 * b)]
-    assert nll[0] < min(nll[1:])
-    assert calibrated.size_bytes - qnet.size_bytes < 60  # the config record only
-
-
-def test_calibration_refuses_logits_it_cannot_fold_and_data_of_another_shape():
-    posterior, data = _tiny_task()
-    squashed = make_posterior(nn.Sequential(nn.Linear(12, 3), nn.Tanh()))
-    with pytest.raises(ValueError, match="^qnet: its logits are not the output of its last"):
-        calibrate(pqnet.quantize(squashed, "uniform", bits=2), data)
-    with pytest.raises(ValueError, match="^data: "):
-        calibrate(pqnet.quantize(posterior, "uniform", bits=2),
-                  TensorDataset(torch.randn(8, 5), torch.zeros(8, dtype=torch.long)))
-
-
-def test_fine_tuning_holds_out_its_calibration_part_and_calibrates_on_it():
-    """``calibration=0.2`` trains on 80 % of the data and folds the temperature fitted on the
-    other 20 % (stratified, drawn by the seed); the result is what calibrating the
-    uncalibrated fine-tuned net on that part gives."""
-    from pqnet.inference.batching import split_validation
-
-    posterior, data = _tiny_task()
-    qnet = pqnet.quantize(posterior, "uniform", bits=3)
-    tuned = finetune(qnet, posterior, data, epochs=1, lr=1e-2, calibration=0.2, seed=3)
-    fit_part, held_out = split_validation(data, 0.2, 3)
-    plain = finetune(qnet, posterior, fit_part, epochs=1, lr=1e-2, calibration=0.0, seed=3)
-    expected = calibrate(plain, held_out)
-    assert tuned.config["calibration"] == expected.config["calibration"]
-    assert tuned.config["calibration"]["examples"] == len(held_out) == round(0.2 * len(data))
-    x = data.tensors[0]
-    assert torch.equal(tuned.to_module()(x), expected.to_module()(x))

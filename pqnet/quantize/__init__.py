@@ -47,9 +47,8 @@ from torch.utils.data import Dataset
 from .. import _checks
 from ..inference.posterior import Posterior
 from .bayesian_compression import bayesian_compression
-from .calibrate import calibrate
 from .deep_compression import deep_compression
-from .finetune import CALIBRATION, finetune
+from .finetune import finetune
 from .kmeans import kmeans
 from .prune import bayesian_prune, magnitude_prune
 from .pwfn import pwfn
@@ -61,9 +60,10 @@ from .sigma_code import sigma_code
 from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
-           "bayesian_prune", "budget_keywords", "calibrate", "deep_compression", "finetune",
-           "kmeans", "magnitude_prune", "pwfn", "quantile_inform", "quantize", "random_bits",
-           "sigma_bits", "sigma_code", "uniform", "weight_name"]
+           "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans",
+           "magnitude_prune", "pwfn",
+           "quantile_inform", "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform",
+           "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
 RETRAINED = ("deep-compression", "pwfn")  # methods that train their own weights
@@ -93,8 +93,7 @@ def budget_keywords(method: str) -> list[str]:
 
 def quantize(posterior: Posterior, method: str, data: Dataset | None = None, seed: int = 0,
              prune: float = 0.0, prune_fraction: float = 0.0, finetune_epochs: int = 0,
-             finetune_lr: float = 1e-3, finetune_calibration: float = CALIBRATION,
-             **budget) -> QuantizedNet:
+             finetune_lr: float = 1e-3, **budget) -> QuantizedNet:
     """Quantize ``posterior`` with ``method`` (a name in :data:`METHODS`) at ``budget``.
 
     ``budget`` holds the method's own keywords (``bits=4``, ``avg_bits=3.0``, ``k=16``, ...);
@@ -106,9 +105,7 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
     (:func:`~pqnet.quantize.prune.magnitude_prune`). With
     ``finetune_epochs > 0`` the posterior means are then retrained on ``data`` under the
     quantized forward pass, widths and codebooks fixed (:func:`~pqnet.quantize.finetune.
-    finetune`, straight-through, posterior noise kept), except a ``finetune_calibration``
-    fraction of ``data`` held out to calibrate the result (its temperature folded into the
-    output layer, :func:`~pqnet.quantize.calibrate.calibrate`; 0 to skip).
+    finetune`, straight-through, posterior noise kept).
 
     Examples
     --------
@@ -125,8 +122,6 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
                              f"{', '.join(accepted)}")
     finetune_epochs = _checks.int_in("finetune_epochs", finetune_epochs, 0, 10_000)
     finetune_lr = _checks.nonnegative_float("finetune_lr", finetune_lr)
-    finetune_calibration = _checks.fraction("finetune_calibration", finetune_calibration,
-                                            closed_below=True)
     prune = _checks.fraction("prune", prune, closed_below=True)
     prune_fraction = _checks.fraction("prune_fraction", prune_fraction, closed_below=True)
     if prune and prune_fraction:
@@ -147,7 +142,7 @@ def quantize(posterior: Posterior, method: str, data: Dataset | None = None, see
         log.info("pruned %.1f %% of the weights", 100 * qnet.config["prune"]["fraction"])
     if finetune_epochs > 0:
         qnet = finetune(qnet, posterior, data, epochs=finetune_epochs, lr=finetune_lr,
-                        seed=seed, calibration=finetune_calibration)
+                        seed=seed)
     log.info("%s: %d bytes, %.3f bits per weight (fixed-width codes %.3f bits)", method,
              qnet.size_bytes, qnet.bits_per_weight, qnet.avg_bits)
     return qnet

@@ -11,13 +11,10 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from .. import _checks
-from ..inference.batching import batches, check_dataset, split_validation
+from ..inference.batching import batches, check_dataset
 from ..inference.posterior import Posterior
-from .calibrate import calibrate
 from .qnet import QuantizedLayer, QuantizedNet, weight_name
 from .sigma_code import recode
-
-CALIBRATION = 0.1  # the fraction of the data held out to calibrate the fine-tuned net
 
 
 def _rounded(layer: QuantizedLayer, w: torch.Tensor) -> torch.Tensor:
@@ -40,10 +37,8 @@ def _recoded(qnet: QuantizedNet, layer, mu: torch.Tensor, sigma: torch.Tensor) -
 
 
 def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs: int,
-             lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-             calibration: float = CALIBRATION) -> QuantizedNet:
-    """Retrain the posterior means under ``qnet``'s quantized forward pass; re-round them;
-    calibrate the result.
+             lr: float = 1e-3, batch_size: int = 64, seed: int = 0) -> QuantizedNet:
+    """Retrain the posterior means under ``qnet``'s quantized forward pass; re-round them.
 
     Each step draws ``w = mu + sigma * eps`` from the posterior (its noise kept, so the means
     move only where the posterior lets them), rounds every weight to the nearest level of its
@@ -54,11 +49,6 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
     stay frozen (eval mode). The result re-rounds the new means (by the method's rule: the
     nearest level, or sigma-code's shortest code within ``k`` sds): the same method, widths
     and codebooks, new codes, with ``config["finetune"]`` recording the run.
-
-    A stratified ``calibration`` fraction of ``data`` (drawn by ``seed``) is held out of the
-    training and calibrates the result: the temperature minimising its NLL there is folded
-    into the last quantized layer (:func:`~pqnet.quantize.calibrate.calibrate`, no bytes
-    added). ``calibration=0`` trains on all of ``data`` and leaves the logits as they are.
     """
     epochs = _checks.int_in("finetune_epochs", epochs, 1, 10_000)
     lr = _checks.nonnegative_float("finetune_lr", lr)
@@ -69,10 +59,6 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
     if posterior.likelihood.get("kind") != "categorical":
         raise ValueError("posterior: fine-tuning is for classifiers (a categorical likelihood)")
     check_dataset(posterior.module, data, "data")
-    calibration = _checks.fraction("finetune_calibration", calibration, closed_below=True)
-    held_out = None
-    if calibration > 0:
-        data, held_out = split_validation(data, calibration, seed)
 
     module = copy.deepcopy(posterior.module).eval()
     means = {path: torch.nn.Parameter(posterior.loc[weight_name(path)].detach().clone())
@@ -95,6 +81,5 @@ def finetune(qnet: QuantizedNet, posterior: Posterior, data: Dataset, *, epochs:
                                                               scales[path]))
               for path, layer in qnet.layers.items()}
     config = {**qnet.config, "finetune": {"epochs": epochs, "lr": lr, "batch_size": batch_size,
-                                          "seed": seed, "calibration": calibration}}
-    tuned = QuantizedNet(layers, module, qnet.method, config)
-    return tuned if held_out is None else calibrate(tuned, held_out)
+                                          "seed": seed}}
+    return QuantizedNet(layers, module, qnet.method, config)
