@@ -1133,6 +1133,20 @@ def test_sigma_bits_records_its_defaults_and_rounds_per_channel_when_asked():
     assert all(len(levels) == 40 for levels in channel.layers[""].codebooks.values())
     with pytest.raises(ValueError, match="^per_channel: "):
         pqnet.quantize(posterior, "sigma-bits", per_channel=1)
+    assert bits_at(error_ratios(mu, sigma), 1.0).dtype == torch.uint8
+    assert torch.equal(error_ratios(mu, sigma), error_ratios(mu, sigma, False))  # the default
+    rows = torch.cat([error_ratios(mu[i:i + 1], sigma[i:i + 1]) for i in range(40)], dim=1)
+    assert torch.allclose(error_ratios(mu, sigma, True), rows)  # each channel its own grids
+
+
+def test_error_ratios_by_hand():
+    """``c[b-1] = min_{b' <= b} |q_b'(mu) - mu| / sigma``: at 1 bit the levels are
+    ``+-mean|mu| = +-0.4375``, at 2 bits ``+-1, +-1/3``."""
+    from pqnet.quantize.sigma_bits import error_ratios
+
+    c = error_ratios(torch.tensor([[1.0, 0.5, -0.25, 0.0]]), torch.full((1, 4), 0.1))
+    assert torch.allclose(c[0, 0], torch.tensor([5.625, 0.625, 1.875, 4.375]))
+    assert torch.allclose(c[1, 0], torch.tensor([0.0, 0.625, 5 / 6, 10 / 3]))
 
 
 # --------------------------------------------------------------------------- quantile-inform
@@ -1142,6 +1156,7 @@ def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
     """Defaults ``k = 1``, ``q = 0.9``; ``q = 1`` is allowed (every weight's need met) and
     anything outside ``(0, 1]`` or not a number is refused; with ``per_channel`` the needs
     are measured against each channel's own grids."""
+    from pqnet.quantize.grids import grid_scale
     from pqnet.quantize.quantile_inform import quantile_ratios
     from pqnet.quantize.sigma_bits import bits_at, error_ratios
 
@@ -1157,6 +1172,10 @@ def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
     widths = [int(bits_at(quantile_ratios(error_ratios(mu, sigma, per), 1.0), 8.0))
               for per in (True, False)]
     assert channel.layers[""].widths == [widths[0]] and widths[0] != widths[1]
+    scale = channel.layers[""].scales[widths[0]]  # the posterior's most probable grids
+    assert len(scale) == 40 and torch.equal(scale, grid_scale(mu, widths[0], True, sigma))
+    five = pqnet.quantize(posterior, "quantile-inform", avg_bits=5.0, q=0.5)
+    assert five.layers[""].widths == [5]  # needs k < 1: 4 bits at k = 1, 5 at k = 0.5
     for bad in (True, "0.5", 0.0, 1.5):
         with pytest.raises(ValueError, match="^q: expected a quantile"):
             pqnet.quantize(posterior, "quantile-inform", q=bad)
