@@ -1065,7 +1065,13 @@ def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_bud
         module.weight.copy_(torch.linspace(-1.0, 0.5, 12).reshape(3, 4))
     posterior = make_posterior(module, {"weight": torch.full((3, 4), 1 / 6)})
     plain = pqnet.quantize(posterior, "bayesian-compression")
-    assert plain.layers[""].widths == [3] and plain.config["sigma_scale"] == 1.0
+    assert plain.layers[""].widths == [3]
+    assert plain.config == {"avg_bits": None, "sigma_scale": 1.0, "per_channel": False,
+                            "seed": 0}
+    channel = pqnet.quantize(posterior, "bayesian-compression", per_channel=True, seed=2)
+    assert channel.config == {"avg_bits": None, "sigma_scale": 1.0, "per_channel": True,
+                              "seed": 2}
+    assert channel.layers[""].widths == [3] and len(channel.layers[""].scales[3]) == 3
     budget = pqnet.quantize(posterior, "bayesian-compression", avg_bits=2.0)
     assert budget.layers[""].widths == [2]
     assert budget.config["sigma_scale"] == pytest.approx(2.0, rel=1e-3)
