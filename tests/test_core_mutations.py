@@ -1056,14 +1056,16 @@ def test_tempered_scales_are_the_tempered_gaussian_posterior_sds():
 
 def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_budget_scale():
     """``b = ceil(mean_i log2(1 + R / (2 s sigma_i)))``, ``R = 2 max|mu|``: with
-    ``max|mu| = 1`` and ``sigma = 1/6`` that is ``ceil(log2 7) = 3`` bits at ``s = 1``; a
+    ``max|mu| = 2`` and ``sigma = 1/3`` that is ``ceil(log2 7) = 3`` bits at ``s = 1``; a
     2-bit budget needs ``6 / s <= 3``, so the smallest common scale is ``s = 2``."""
+    from pqnet.quantize.bayesian_compression import bayesian_compression
     from tests.test_quantize import make_posterior
 
     module = nn.Linear(4, 3)
     with torch.no_grad():
-        module.weight.copy_(torch.linspace(-1.0, 0.5, 12).reshape(3, 4))
-    posterior = make_posterior(module, {"weight": torch.full((3, 4), 1 / 6)})
+        module.weight.copy_(torch.linspace(-2.0, 1.0, 12).reshape(3, 4))
+    posterior = make_posterior(module, {"weight": torch.full((3, 4), 1 / 3)})
+    assert bayesian_compression(posterior).config["seed"] == 0  # its own default
     plain = pqnet.quantize(posterior, "bayesian-compression")
     assert plain.layers[""].widths == [3]
     assert plain.config == {"avg_bits": None, "sigma_scale": 1.0, "per_channel": False,
@@ -1187,3 +1189,11 @@ def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
             pqnet.quantize(posterior, "quantile-inform", q=bad)
     with pytest.raises(ValueError, match="^k: "):
         pqnet.quantize(posterior, "quantile-inform", k=-1.0)
+
+
+def test_quantile_ratios_take_the_ceil_q_n_th_smallest_per_width():
+    from pqnet.quantize.quantile_inform import quantile_ratios
+
+    ratios = torch.tensor([[[4.0, 1.0], [3.0, 2.0]], [[0.5, 0.25], [2.0, 1.0]]])  # 2 widths
+    for q, expected in ((0.25, [1.0, 0.25]), (0.5, [2.0, 0.5]), (1.0, [4.0, 2.0])):
+        assert quantile_ratios(ratios, q).tolist() == expected
