@@ -1165,12 +1165,12 @@ def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
     anything outside ``(0, 1]`` or not a number is refused; with ``per_channel`` the needs
     are measured against each channel's own grids."""
     from pqnet.quantize.grids import grid_scale
-    from pqnet.quantize.quantile_inform import quantile_ratios
+    from pqnet.quantize.quantile_inform import quantile_inform, quantile_ratios
     from pqnet.quantize.sigma_bits import bits_at, error_ratios
 
     posterior = linear_posterior()
     mu, sigma = posterior.loc["weight"], posterior.scale["weight"]
-    default = pqnet.quantize(posterior, "quantile-inform")
+    default = quantile_inform(posterior)  # its own defaults, not quantize's
     assert default.config == {"avg_bits": None, "k": 1.0, "q": 0.9, "per_channel": False,
                               "seed": 0}
     assert default.layers[""].widths == [int(bits_at(quantile_ratios(
