@@ -1197,3 +1197,76 @@ def test_quantile_ratios_take_the_ceil_q_n_th_smallest_per_width():
     ratios = torch.tensor([[[4.0, 1.0], [3.0, 2.0]], [[0.5, 0.25], [2.0, 1.0]]])  # 2 widths
     for q, expected in ((0.25, [1.0, 0.25]), (0.5, [2.0, 0.5]), (1.0, [4.0, 2.0])):
         assert quantile_ratios(ratios, q).tolist() == expected
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset: labels must be read through it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_split_validation_is_stratified_seeded_disjoint_and_complete():
+    """Per class ``min(n_c - 1, max(1, round(f n_c)))`` examples are held out (none of a
+    class with one member), drawn by the seed alone; the two parts partition the data."""
+    from pqnet.inference.batching import split_validation
+
+    y = torch.tensor([0] * 10 + [1] * 7 + [2] + [3] * 2)
+    x = torch.arange(len(y), dtype=torch.float32).reshape(-1, 1)
+    held = {0: 2, 1: 1, 2: 0, 3: 1}  # f = 0.2: round(2.0), round(1.4), -, max(1, round(0.4))
+    splits = []
+    for data in (TensorDataset(x, y), _Pairs(x, y)):
+        for global_seed in (0, 1):
+            torch.manual_seed(global_seed)  # the split must not depend on it
+            fit_part, val = split_validation(data, 0.2, seed=5)  # kind: categorical
+            fit_idx = [int(fit_part[i][0]) for i in range(len(fit_part))]
+            val_idx = [int(val[i][0]) for i in range(len(val))]
+            assert sorted(fit_idx + val_idx) == list(range(len(y)))
+            assert val_idx == sorted(val_idx)
+            assert {c: sum(int(y[i]) == c for i in val_idx) for c in held} == held
+            splits.append(val_idx)
+    assert all(s == splits[0] for s in splits)
+    assert split_validation(TensorDataset(x, y), 0.2, seed=6)[1].tensors[0].flatten().tolist() \
+        != splits[0]
+    assert len(split_validation(TensorDataset(x, y), 0.5, 5)[1]) == 10  # 5 + round(3.5) + 0 + 1
+
+
+def test_split_validation_of_regression_targets_and_of_tiny_sets():
+    """Not stratified: ``min(n - 1, max(1, round(f n)))`` of a seeded permutation."""
+    from pqnet.inference.batching import split_validation
+
+    x = torch.arange(10.0).reshape(-1, 1)
+    data = TensorDataset(x, x.square())
+    _, val = split_validation(data, 0.3, 4, kind="normal")
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(4))[:3].sort().values
+    assert val.tensors[0].flatten().long().tolist() == expected.tolist()
+    for n, fraction, size in ((2, 0.9, 1), (2, 0.1, 1), (10, 0.04, 1)):
+        part = TensorDataset(x[:n], x[:n])
+        assert len(split_validation(part, fraction, 0, kind="normal")[1]) == size
+    distinct = TensorDataset(x, torch.arange(10))  # every class a singleton: random instead
+    assert len(split_validation(distinct, 0.3, 0)[1]) == 3
+    with pytest.raises(ValueError, match="^train_dataset: 1 example cannot be split"):
+        split_validation(TensorDataset(x[:1], x[:1]), 0.5, 0)
+
+
+def test_a_data_parallel_shard_and_its_loss_weight():
+    """Rank ``r`` of ``W`` takes ``idx[r::W]`` at weight ``W |shard| / |batch|``; a rank left
+    without an example takes the first at weight 0."""
+    from pqnet.inference.batching import _shard
+
+    idx = torch.arange(10, 15)
+    mine, weight = _shard(idx, 0, 1)
+    assert torch.equal(mine, idx) and weight == 1.0
+    assert [(s.tolist(), w) for s, w in (_shard(idx, r, 2) for r in (0, 1))] == \
+        [([10, 12, 14], 1.2), ([11, 13], 0.8)]
+    assert [(s.tolist(), w) for s, w in (_shard(idx[:2], r, 4) for r in range(4))] == \
+        [([10], 2.0), ([11], 2.0), ([10], 0.0), ([10], 0.0)]
