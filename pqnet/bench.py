@@ -64,7 +64,7 @@ from .bnn import bayesian
 from .diagnostics.table import format_table
 from .inference import Posterior, evaluate, fit
 from .inference.plain import train_plain
-from .quantize import METHODS, QuantizedLayer, QuantizedNet, quantize
+from .quantize import METHODS, RETRAINED, QuantizedLayer, QuantizedNet, quantize
 from .quantize.codec import raw_bytes
 
 __all__ = ["BREVITAS_BITS", "BUDGETS", "KMEANS_KS", "brevitas_available", "brevitas_net",
@@ -295,7 +295,7 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
         seconds = time.perf_counter() - start
         file = folder / f"{stem}.pqn"
         scores, loaded = _measure(qnet, file, test)
-        info = {"file": file.name, **({} if method == "pwfn" else options)}
+        info = {"file": file.name, **({} if method in RETRAINED else options)}
         if method in ("kmeans", "pwfn"):
             key = "k" if method == "kmeans" else "threshold"
             info[key] = keywords[key]
@@ -364,10 +364,11 @@ def run_benchmark(model: str, data: str, data_dir: str | Path | None = None, *,
     net, deterministic = _deterministic(model, train, test, epochs=epochs,
                                         batch_size=batch_size, lr=lr, seed=seed, log=log)
     start = time.perf_counter()
-    posterior = _fit_bnn(net if bnn_init == "deterministic" else _fresh(model, train, seed),
-                         train, from_trained=bnn_init == "deterministic", epochs=bnn_epochs,
-                         batch_size=batch_size, lr=lr, kl_weight=kl_weight,
-                         lr_schedule=lr_schedule, seed=seed, progress=progress)
+    from_trained = bnn_init == "deterministic"  # then it needs no warm start
+    posterior = fit(bayesian(net if from_trained else _fresh(model, train, seed)), train,
+                    epochs=bnn_epochs, batch_size=batch_size, lr=lr, kl_weight=kl_weight,
+                    lr_schedule=lr_schedule, seed=seed,
+                    warm_start=0 if from_trained else "auto", progress=progress)
     fit_seconds = time.perf_counter() - start
     log(f"BNN fitted: {bnn_epochs} epochs from {bnn_init} in {fit_seconds:.1f} s")
     results: dict = {
@@ -437,11 +438,6 @@ def _deterministic(model: str, train: Dataset, test: Dataset, *, epochs: int, ba
     seconds = train_network(net, train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     log(f"deterministic net trained in {seconds:.1f} s")
     return net, {**_scores(evaluate(net, test)), "seconds": seconds}
-
-
-def _fit_bnn(init: nn.Module, train: Dataset, *, from_trained: bool, **options) -> Posterior:
-    """``pqnet.fit`` of ``bayesian(init)``; a BNN from the trained net needs no warm start."""
-    return fit(bayesian(init), train, warm_start=0 if from_trained else "auto", **options)
 
 
 def _pwfn_rows(net: nn.Module, train: Dataset, test: Dataset, folder: Path, *, epochs: int,

@@ -6,6 +6,7 @@ import json
 from functools import cache
 
 import pytest
+import torch
 
 import pqnet
 from pqnet.bench import brevitas_available, run_benchmark
@@ -128,3 +129,30 @@ def test_bad_arguments():
         run_benchmark("digits_cnn", "digits", budgets=[0.5])
     with pytest.raises(ValueError, match="data"):
         run_benchmark("digits_cnn", "nope")
+    for bad, name in (({"epochs": 0}, "epochs"), ({"num_samples": 0}, "num_samples"),
+                      ({"finetune_epochs": -1}, "finetune_epochs"),
+                      ({"pwfn_retrain_epochs": -1}, "pwfn_retrain_epochs"),
+                      ({"bnn_init": "pretrained"}, "bnn_init"), ({"bnn_epochs": 0}, "bnn_epochs")):
+        with pytest.raises(ValueError, match=f"^{name}: "):
+            run_benchmark("digits_cnn", "digits", **bad)
+
+
+def test_rows_name_the_pruning_and_fine_tuning_they_got(tmp_path):
+    """Options reach every method but the ones that retrain their own weights, and each row
+    and file says what was done to it."""
+    from pqnet.bench import quantized_rows, row_label
+    from tests.test_quantize import make_posterior
+
+    torch.manual_seed(0)
+    data = pqnet.data.load("digits", split="test")  # small: 450 images
+    posterior = make_posterior(pqnet.models.for_data("digits_cnn", data.input_shape,
+                                                     data.num_classes))
+    rows = quantized_rows(posterior, data, data, methods=["deep-compression", "uniform"],
+                          budgets=[2.0], kmeans_ks=[], folder=tmp_path, log=lambda _: None,
+                          prune_fraction=0.5, finetune_epochs=1)
+    deep, uniform = rows
+    assert "prune_fraction" not in deep and "finetune_epochs" not in deep
+    assert row_label(deep) == "deep-compression" and deep["file"] == "deep-compression.pqn"
+    assert (uniform["prune_fraction"], uniform["finetune_epochs"]) == (0.5, 1)
+    assert row_label(uniform) == "uniform, pruned 0.5, fine-tuned 1"
+    assert uniform["file"] == "uniform_b2_p0.5.pqn" and (tmp_path / uniform["file"]).is_file()

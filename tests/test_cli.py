@@ -164,6 +164,7 @@ def test_demo_writes_every_method_as_a_file_it_scores(tmp_path, capsys, monkeypa
     plain, pruned = (r for r in results["rows"] if r["method"] == "uniform")
     assert (pruned["prune_fraction"], pruned["finetune_epochs"]) == (0.9, 8)
     assert pruned["file"] != plain["file"] and pruned["size_bytes"] < plain["size_bytes"]
-    weights = pqnet.QuantizedNet.load(out / "quantized" / pruned["file"]).weights().values()
-    assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * loaded.num_weights)
+    pruned_net = pqnet.QuantizedNet.load(out / "quantized" / pruned["file"])
+    zeros = sum(int((w == 0).sum()) for w in pruned_net.weights().values())
+    assert zeros == round(0.9 * pruned_net.num_weights)
     assert "uniform, pruned 0.9, fine-tuned 8" in printed

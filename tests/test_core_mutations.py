@@ -1080,6 +1080,13 @@ def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_bud
     one = pqnet.quantize(posterior, "bayesian-compression", avg_bits=1.0)  # 6 / s <= 1
     assert one.layers[""].widths == [1]
     assert one.config["sigma_scale"] == pytest.approx(6.0, rel=1e-3)
+    # a budget every scale meets returns the search's 8-bit end: e^-100 times the scale at
+    # which every layer has 1 bit, e times the largest ratio R / (2 sigma)
+    for sd, largest in ((1 / 3, 6.0), (10.0, 0.2)):
+        wide = make_posterior(module, {"weight": torch.full((3, 4), sd)})
+        eight = pqnet.quantize(wide, "bayesian-compression", avg_bits=8.0)
+        assert eight.config["sigma_scale"] == pytest.approx(largest * math.exp(-99),
+                                                            rel=1e-6, abs=0)
     with pytest.raises(ValueError, match="^per_channel: "):
         pqnet.quantize(posterior, "bayesian-compression", per_channel="yes")
 
@@ -1183,7 +1190,7 @@ def test_quantile_inform_defaults_its_quantile_check_and_per_channel_widths():
     scale = channel.layers[""].scales[widths[0]]  # the posterior's most probable grids
     assert len(scale) == 40 and torch.equal(scale, grid_scale(mu, widths[0], True, sigma))
     five = pqnet.quantize(posterior, "quantile-inform", avg_bits=5.0, q=0.5)
-    assert five.layers[""].widths == [5]  # needs k < 1: 4 bits at k = 1, 5 at k = 0.5
+    assert five.layers[""].widths == [5] and five.config["k"] < 1.0  # 4 bits at k = 1
     for bad in (True, "0.5", 0.0, 1.5):
         with pytest.raises(ValueError, match="^q: expected a quantile"):
             pqnet.quantize(posterior, "quantile-inform", q=bad)
@@ -1195,7 +1202,8 @@ def test_quantile_ratios_take_the_ceil_q_n_th_smallest_per_width():
     from pqnet.quantize.quantile_inform import quantile_ratios
 
     ratios = torch.tensor([[[4.0, 1.0], [3.0, 2.0]], [[0.5, 0.25], [2.0, 1.0]]])  # 2 widths
-    for q, expected in ((0.25, [1.0, 0.25]), (0.5, [2.0, 0.5]), (1.0, [4.0, 2.0])):
+    for q, expected in ((0.25, [1.0, 0.25]), (0.3, [2.0, 0.5]), (0.5, [2.0, 0.5]),
+                        (1.0, [4.0, 2.0])):  # ceil(0.3 * 4) = 2
         assert quantile_ratios(ratios, q).tolist() == expected
 
 

@@ -527,8 +527,9 @@ def _bench_section(run: _Run) -> list[str]:
         ("deterministic", "deterministic net")) if isinstance(bench.get(key), dict)]
     if refs:
         md += [markdown_table(refs, ["network", "accuracy", "nll", "ece"]), ""]
-    rows = [{**row, "method": f"{row['method']} k={row['k']}" if "k" in row else
-             row["method"]} for row in bench["rows"]]
+    from ..bench import row_label  # here: pqnet.bench imports the diagnostics
+
+    rows = [{**row, "method": row_label(row)} for row in bench["rows"]]
     columns = [c for c in ("method", "budget", "size_bytes", "bits_per_weight", "accuracy",
                            "nll", "ece", "code_entropy_bits", "avg_bits", "seconds")
                if any(c in row for row in rows)]
