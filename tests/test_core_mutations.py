@@ -1278,3 +1278,26 @@ def test_a_data_parallel_shard_and_its_loss_weight():
         [([10, 12, 14], 1.2), ([11, 13], 0.8)]
     assert [(s.tolist(), w) for s, w in (_shard(idx[:2], r, 4) for r in range(4))] == \
         [([10], 2.0), ([11], 2.0), ([10], 0.0), ([10], 0.0)]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_files_keep_their_header_keys_and_errors_name_the_argument(tmp_path):
+    from pqnet.inference.checkpoint import load_checkpoint, rng_state, save_checkpoint, \
+        set_rng_state
+
+    path = tmp_path / "job.pt"
+    for key in ("format", "version", "kind"):
+        with pytest.raises(ValueError, match=rf"^state: the keys \['{key}'\] are reserved"):
+            save_checkpoint(path, "job", {key: 1})
+    assert not path.exists()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=rf"^checkpoint_dir: {path} is not a readable pqnet "
+                                         r"checkpoint \(corrupt"):
+        load_checkpoint(path, "job", argument="checkpoint_dir")
+    # generators saved on a GPU machine restore on one without CUDA (the CPU ones only)
+    state = rng_state()
+    first = torch.rand(2)
+    set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})
+    assert torch.equal(torch.rand(2), first)
