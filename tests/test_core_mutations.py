@@ -1301,3 +1301,22 @@ def test_checkpoint_files_keep_their_header_keys_and_errors_name_the_argument(tm
     first = torch.rand(2)
     set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})
     assert torch.equal(torch.rand(2), first)
+
+
+def test_check_dataset_reads_a_map_style_dataset_by_its_first_batch():
+    """A TensorDataset is checked whole (extra tensors after the targets are allowed); any
+    other dataset by its first batch of 256, the rest as training draws it."""
+    from pqnet.inference.batching import check_dataset
+
+    module = nn.Sequential(nn.Linear(2, 3))
+    x, y = torch.randn(300, 2), torch.zeros(300, dtype=torch.long)
+    assert check_dataset(module, _Pairs(x, y), "data") == 300
+    assert check_dataset(module, TensorDataset(x, y, torch.ones(300)), "data") == 300
+    for where, caught in ((5, True), (299, False)):
+        bad = y.clone()
+        bad[where] = 3
+        if caught:
+            with pytest.raises(ValueError, match=r"^data: labels must lie in \[0, 3\)"):
+                check_dataset(module, _Pairs(x, bad), "data")
+        else:
+            assert check_dataset(module, _Pairs(x, bad), "data") == 300
