@@ -1284,8 +1284,12 @@ def test_a_data_parallel_shard_and_its_loss_weight():
 
 
 def test_checkpoint_files_keep_their_header_keys_and_errors_name_the_argument(tmp_path):
-    from pqnet.inference.checkpoint import load_checkpoint, rng_state, save_checkpoint, \
-        set_rng_state
+    from pqnet.inference.checkpoint import (
+        load_checkpoint,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+    )
 
     path = tmp_path / "job.pt"
     for key in ("format", "version", "kind"):
@@ -1320,3 +1324,33 @@ def test_check_dataset_reads_a_map_style_dataset_by_its_first_batch():
                 check_dataset(module, _Pairs(x, bad), "data")
         else:
             assert check_dataset(module, _Pairs(x, bad), "data") == 300
+
+
+# --------------------------------------------------------------------------- predictive
+
+
+def test_regression_evaluate_by_hand_two_outputs_default_noise_and_named_errors():
+    """A Normal likelihood without a recorded noise uses 1; each draw's log-likelihood sums
+    the outputs of an example; bad inputs are named after the argument."""
+    from torch.func import functional_call
+
+    from tests.test_quantize import make_posterior
+
+    module = nn.Sequential(nn.Linear(3, 2))
+    made = make_posterior(module)
+    posterior = pqnet.Posterior(made.loc, made.scale, made.layers, made.module,
+                                {"kind": "normal"})
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 3, generator=gen), torch.randn(20, 2, generator=gen)
+    got = pqnet.evaluate(posterior, TensorDataset(x, y), num_samples=1, seed=3)
+    f = functional_call(module, posterior.draw(torch.Generator().manual_seed(3)), (x,),
+                        strict=False).double()
+    expected = -torch.distributions.Normal(f, 1.0).log_prob(y.double()).sum(1).mean()
+    assert got["nll"] == pytest.approx(float(expected), rel=1e-9)
+    labels = torch.zeros(20, dtype=torch.long)
+    with pytest.raises(ValueError, match="^dataset: expected a floating-point tensor"):
+        pqnet.evaluate(module, TensorDataset(x.long(), labels))
+    with pytest.raises(ValueError, match=r"^dataset: inputs of shape \(4,\) do not fit"):
+        pqnet.evaluate(module, TensorDataset(torch.randn(20, 4), labels))
+    with pytest.raises(ValueError, match="^x: expected a floating-point tensor"):
+        pqnet.predict(module, [[1.0, 2.0, 3.0]])
