@@ -1310,20 +1310,28 @@ def test_checkpoint_files_keep_their_header_keys_and_errors_name_the_argument(tm
 def test_check_dataset_reads_a_map_style_dataset_by_its_first_batch():
     """A TensorDataset is checked whole (extra tensors after the targets are allowed); any
     other dataset by its first batch of 256, the rest as training draws it."""
-    from pqnet.inference.batching import check_dataset
+    from pqnet.inference.batching import batches, check_dataset
 
     module = nn.Sequential(nn.Linear(2, 3))
     x, y = torch.randn(300, 2), torch.zeros(300, dtype=torch.long)
     assert check_dataset(module, _Pairs(x, y), "data") == 300
     assert check_dataset(module, TensorDataset(x, y, torch.ones(300)), "data") == 300
-    for where, caught in ((5, True), (299, False)):
+    for where, label, caught in ((5, 3, True), (7, -1, True), (256, 3, False)):
         bad = y.clone()
-        bad[where] = 3
+        bad[where] = label
         if caught:
             with pytest.raises(ValueError, match=r"^data: labels must lie in \[0, 3\)"):
                 check_dataset(module, _Pairs(x, bad), "data")
-        else:
+        else:  # the 257th example is beyond the first batch
             assert check_dataset(module, _Pairs(x, bad), "data") == 300
+    with pytest.raises(ValueError, match="^data: "):
+        check_dataset(module, _Pairs(x, y.float()), "data")  # not class labels
+    nan = x.clone()
+    nan[3, 0] = math.nan
+    with pytest.raises(ValueError, match="^data: inputs contain NaN"):
+        check_dataset(module, _Pairs(nan, y), "data")
+    first = next(batches(TensorDataset(x, y, torch.ones(300)), 4, shuffle=False))
+    assert len(first) == 2 and torch.equal(first[0], x[:4]) and torch.equal(first[1], y[:4])
 
 
 # --------------------------------------------------------------------------- predictive
