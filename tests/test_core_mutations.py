@@ -1330,8 +1330,10 @@ def test_check_dataset_reads_a_map_style_dataset_by_its_first_batch():
     nan[3, 0] = math.nan
     with pytest.raises(ValueError, match="^data: inputs contain NaN"):
         check_dataset(module, _Pairs(nan, y), "data")
-    first = next(batches(TensorDataset(x, y, torch.ones(300)), 4, shuffle=False))
-    assert len(first) == 2 and torch.equal(first[0], x[:4]) and torch.equal(first[1], y[:4])
+    three = TensorDataset(x, y, torch.ones(300))  # e.g. per-example weights after the targets
+    for data in (three, torch.utils.data.Subset(three, range(300)), _Pairs(x, y)):
+        first = next(batches(data, 4, shuffle=False))  # sliced, or collated example by example
+        assert len(first) == 2 and torch.equal(first[0], x[:4]) and torch.equal(first[1], y[:4])
 
 
 # --------------------------------------------------------------------------- predictive
