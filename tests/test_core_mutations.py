@@ -1364,3 +1364,18 @@ def test_regression_evaluate_by_hand_two_outputs_default_noise_and_named_errors(
         pqnet.evaluate(module, TensorDataset(torch.randn(20, 4), labels))
     with pytest.raises(ValueError, match="^x: expected a floating-point tensor"):
         pqnet.predict(module, [[1.0, 2.0, 3.0]])
+
+
+def test_posterior_predictive_draws_of_a_regression_posterior_are_its_outputs():
+    """The Pyro model rebuilt for ``return_draws`` keeps the posterior's Normal likelihood:
+    its draws are outputs, not probabilities, and average to the predictive mean."""
+    from tests.test_quantize import make_posterior
+
+    made = make_posterior(nn.Sequential(nn.Linear(3, 2)))
+    posterior = pqnet.Posterior(made.loc, made.scale, made.layers, made.module,
+                                {"kind": "normal", "noise": 0.5})
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    draws = pqnet.predict(posterior, x, num_samples=4, seed=2, return_draws=True)
+    assert draws.shape == (4, 6, 2)
+    assert torch.allclose(draws.mean(0), pqnet.predict(posterior, x, num_samples=4, seed=2),
+                          atol=1e-6)
