@@ -23,12 +23,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from frontier import float_start
+from frontier import float_start, reloaded_accuracy
 
 import pqnet
 from pqnet._io import save_json
 from pqnet.diagnostics.table import format_table
-from pqnet.quantize import QuantizedNet
 
 
 def ard_kl(bnn):
@@ -49,13 +48,10 @@ def quantized(posterior, kl_weight, fit_part, val, test, seed: int, folder: Path
     for rule, value in (("prune", 0.9), ("prune", 0.95), ("prune_fraction", 0.9)):
         qnet = pqnet.quantize(posterior, "uniform", bits=2, data=fit_part, seed=seed,
                               finetune_epochs=2, **{rule: value})
-        module = QuantizedNet.load(qnet.save(folder / "q.pqn")).to_module()
         rows.append({"kl_weight": kl_weight, "fitted_kl_weight": posterior.config["kl_weight"],
-                     "rule": f"{rule}={value}",
-                     "mean_val": mean_val,
-                     "pruned": qnet.config["prune"]["fraction"], "size_bytes": qnet.size_bytes,
-                     "val_accuracy": pqnet.evaluate(module, val)["accuracy"],
-                     "accuracy": pqnet.evaluate(module, test)["accuracy"]})
+                     "rule": f"{rule}={value}", "mean_val": mean_val,
+                     "pruned": qnet.config["prune"]["fraction"],
+                     **reloaded_accuracy(qnet, folder / "q.pqn", val, test)})
     return rows
 
 

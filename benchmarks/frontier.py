@@ -79,6 +79,16 @@ def scores(module: torch.nn.Module, data) -> tuple[dict, torch.Tensor]:
     return {k: metrics[k] for k in ("accuracy", "nll", "ece")}, correct
 
 
+def reloaded_accuracy(qnet: QuantizedNet, path: Path, val, test) -> dict:
+    """Save ``qnet`` to ``path``, load it back, and score the loaded copy: its file's size
+    and its validation and test accuracy."""
+    loaded = QuantizedNet.load(qnet.save(path))
+    module = loaded.to_module()
+    return {"size_bytes": loaded.size_bytes,
+            "val_accuracy": pqnet.evaluate(module, val)["accuracy"],
+            "accuracy": pqnet.evaluate(module, test)["accuracy"]}
+
+
 def measured(qnet: QuantizedNet, family: str, setting: str, folder: Path, val, test,
              seconds: float) -> tuple[dict, torch.Tensor]:
     """Save, reload and score ``qnet``: a row and its test correctness."""

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from frontier import fitted, float_start
+from frontier import fitted, float_start, reloaded_accuracy
 
 import pqnet
 from pqnet._io import save_json
@@ -50,12 +50,9 @@ def one_seed(seed: int, train, test, folder: Path) -> list[dict]:
         for rank in RANKS:
             qnet = pruned(pqnet.quantize(posterior, "uniform", bits=2), posterior, fraction, rank)
             qnet = finetune(qnet, posterior, fit_part, epochs=2, seed=seed)
-            loaded = QuantizedNet.load(qnet.save(folder / f"{seed}_{fraction}_{rank}.pqn"))
-            module = loaded.to_module()
+            file = folder / f"{seed}_{fraction}_{rank}.pqn"
             rows.append({"seed": seed, "fraction": fraction, "rank": rank,
-                         "size_bytes": loaded.size_bytes,
-                         "val_accuracy": pqnet.evaluate(module, val)["accuracy"],
-                         "accuracy": pqnet.evaluate(module, test)["accuracy"]})
+                         **reloaded_accuracy(qnet, file, val, test)})
     return rows
 
 
