@@ -232,6 +232,8 @@ def row_label(row: dict) -> str:
         label += f" k={row['k']}"
     if row["method"] == "pwfn":
         label += f" t={row['threshold']:g}"
+    if row.get("prune"):
+        label += f", pruned at credible level {row['prune']:g}"
     if row.get("prune_fraction"):
         label += f", pruned {row['prune_fraction']:g}"
     if row.get("finetune_epochs"):
@@ -269,7 +271,9 @@ def quantized_rows(posterior: Posterior, train: Dataset, test: Dataset, *,
     ``finetune_epochs``) go to every :func:`pqnet.quantize` call but PWFN's, which retrains
     in its own rounds."""
     skipped = [] if skipped is None else skipped
-    pruned = f"_p{options['prune_fraction']:g}" if options.get("prune_fraction") else ""
+    pruned = "".join(f"_{tag}{options[key]:g}" for key, tag in (("prune", "c"),
+                                                                ("prune_fraction", "p"))
+                     if options.get(key))
     runs = []  # (method, quantize keywords, budget (None: the result's avg_bits), file stem)
     for m in methods:
         if m == "kmeans":
