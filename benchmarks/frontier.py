@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 import pqnet
 from pqnet._io import save_json
 from pqnet.bench import brevitas_net, qat_to_qnet, train_network
-from pqnet.diagnostics.metrics import mcnemar
+from pqnet.diagnostics.metrics import classification_metrics, entropy, mcnemar
 from pqnet.diagnostics.plots import save_figure
 from pqnet.diagnostics.table import format_table
 from pqnet.inference.batching import split_validation
@@ -69,14 +69,11 @@ BATCH = 64  # every family's minibatch (pqnet.fit's default): the same steps per
 
 
 def scores(module: torch.nn.Module, data) -> tuple[dict, torch.Tensor]:
-    """``evaluate``'s metrics and the per-example correctness on ``data``."""
-    metrics = pqnet.evaluate(module, data)
-    module.eval()
+    """``evaluate``'s metrics and the per-example correctness on ``data``, from one pass."""
     x, y = data.tensors[:2]
-    with torch.no_grad():
-        correct = torch.cat([module(xb).argmax(1) == yb for xb, yb in
-                             zip(x.split(1000), y.split(1000), strict=True)])
-    return {k: metrics[k] for k in ("accuracy", "nll", "ece")}, correct
+    probs = pqnet.predict(module, x, num_samples=1)
+    metrics = classification_metrics(probs, y, entropy(probs))
+    return {k: metrics[k] for k in ("accuracy", "nll", "ece")}, probs.argmax(1) == y
 
 
 def reloaded_accuracy(qnet: QuantizedNet, path: Path, val, test) -> dict:
