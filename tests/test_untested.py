@@ -228,6 +228,12 @@ def test_embeddings_become_random_and_conv3d_fits(digits):
     # the table is learned: tokens 2..4 in the first place mean class 1
     probs = pqnet.predict(fitted, torch.tensor([[0.0, 1.0], [3.0, 3.0]]), num_samples=16)
     assert probs.argmax(-1).tolist() == [0, 1]
+    # each draw's prediction, through Pyro's Predictive on the model rebuilt with its table
+    # (and with a fixed table, rebuilt without it)
+    for model in (fitted, pqnet.Posterior.from_bnn(plain)):
+        per_draw = pqnet.predict(model, tokens[:6].float(), num_samples=8, return_draws=True)
+        mean = pqnet.predict(model, tokens[:6].float(), num_samples=8)
+        assert torch.allclose(per_draw.mean(0), mean, atol=1e-6)
     # and random: draws of the table differ, with the posterior's spread
     draws = fitted.sample(2000, seed=0)["1.weight"]
     assert torch.allclose(draws.std(0), fitted.scale["1.weight"], rtol=0.1)
