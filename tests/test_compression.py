@@ -2,6 +2,7 @@
 the Deep Compression baseline, and the paired test that compares them."""
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch.utils.data import TensorDataset
 import pqnet
 from pqnet.quantize import codec, deep_compression, finetune
 from pqnet.quantize.prune import credible_z, keep_largest, magnitude_prune, prune_mask
-from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid
+from pqnet.quantize.sigma_code import _range_argmax, assign, fine_grid, recode
 from tests.test_quantize import make_posterior
 
 
@@ -136,6 +137,65 @@ def test_range_argmax_matches_brute_force():
     for i in range(len(lo)):
         window = counts[lo[i]:hi[i] + 1]
         assert counts[got[i]] == window.max() and lo[i] <= got[i] <= hi[i]
+
+
+def _one_step_by_hand(mu, sigma, grid, k, lam):
+    """The rule of :func:`assign`'s first step, weight by weight: from nearest rounding's
+    counts, each weight takes, among the levels with ``|v - mu| <= k sigma``, the most
+    frequent one (``lam = 0``; the leftmost of equals) or the used one of least
+    ``-log2 p + lam z^2`` (``lam > 0``); with no such level, its nearest."""
+    nearest = np.abs(grid[None, :] - mu[:, None]).argmin(1)
+    counts = np.bincount(nearest, minlength=len(grid))
+    out = nearest.copy()
+    for i in range(len(mu)):
+        inside = np.flatnonzero(np.abs(grid - mu[i]) <= k * sigma[i])
+        if lam == 0 and len(inside):
+            out[i] = inside[np.argmax(counts[inside])]
+        elif lam > 0:
+            used = inside[counts[inside] > 0]
+            z = (grid[used] - mu[i]) / sigma[i]
+            if len(used):
+                out[i] = used[np.argmin(-np.log2(counts[used] / counts.sum()) + lam * z ** 2)]
+    return out
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3, 4, 5, 8, 16, 17])
+def test_one_step_of_the_assignment_is_the_rule_weight_by_weight(levels):
+    """Integer levels and half-integer means and sds, so many intervals end exactly on a
+    level (``|z| <= k`` includes it); grids of a power of two levels, where the interval can
+    span them all."""
+    rng = np.random.default_rng(levels)
+    grid = np.arange(levels, dtype=np.float64) - levels // 2
+    mu = rng.integers(-2 * levels, 2 * levels + 1, size=300) / 4.0
+    sigma = rng.choice([0.25, 0.5, 1.0, 1.5], size=300)
+    for k in (0.5, 1.0, 2.0, math.inf):
+        for lam in (0.0, 0.3, 2.0):
+            index, _ = assign(mu, sigma, grid, k=k, lam=lam, steps=1)
+            assert np.array_equal(index, _one_step_by_hand(mu, sigma, grid, k, lam)), (k, lam)
+
+
+def test_a_code_bits_budget_at_nearest_roundings_entropy_is_nearest_rounding():
+    """The budget search counts the bits exactly: a budget equal to the code entropy of
+    rounding every weight to its nearest level (what the largest lam gives) is met by that
+    rounding, not by a coarser one."""
+    posterior = linear_posterior(seed=1)
+    mu = posterior.loc["weight"]
+    grid = fine_grid(mu)
+    nearest = np.abs(grid[None, :] - mu.reshape(-1, 1).numpy()).argmin(1)
+    entropy = codec.entropy_bits(np.bincount(nearest))
+    qnet = pqnet.quantize(posterior, "sigma-code", code_bits=entropy + 1e-12)
+    assert np.array_equal(qnet.weights()["weight"].reshape(-1).numpy(), grid[nearest])
+
+
+@pytest.mark.parametrize("options", [{"k": 1.0}, {"code_bits": 1.0}, {"k": 2.0, "lam": 0.3}])
+def test_re_rounding_the_means_a_layer_was_coded_from_keeps_its_codes(options):
+    """Fine-tuning re-rounds new means by the layer's own rule (k and lam); the means it
+    started from are already where that rule puts them."""
+    posterior = linear_posterior()
+    qnet = pqnet.quantize(posterior, "sigma-code", **options)
+    layer = qnet.layers[""]
+    again = recode(layer, posterior.loc["weight"], posterior.scale["weight"], qnet.config)
+    assert torch.equal(again, layer.codes)
 
 
 def test_every_weight_stays_within_k_sigma_or_at_its_nearest_level():

@@ -1379,3 +1379,25 @@ def test_posterior_predictive_draws_of_a_regression_posterior_are_its_outputs():
     assert draws.shape == (4, 6, 2)
     assert torch.allclose(draws.mean(0), pqnet.predict(posterior, x, num_samples=4, seed=2),
                           atol=1e-6)
+
+
+# --------------------------------------------------------------------------- plain training
+
+
+def test_plain_training_one_batch_is_one_adam_step_of_size_lr():
+    """Adam's first step moves every parameter with a gradient by ``lr`` (``m / sqrt(v)`` is
+    the gradient's sign), so one epoch of one batch moves the weights by ``lr``; the net is
+    left in eval mode."""
+    from pqnet.inference.plain import train_plain
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 5, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    before = net.weight.detach().clone()
+    train_plain(net, TensorDataset(x, y), epochs=1, batch_size=32, lr=0.05,
+                generator=torch.Generator().manual_seed(0))
+    # |step| = lr |g| / (|g| + 1e-8): lr, less 1e-3 of it for a gradient as small as 1e-5
+    assert torch.allclose((net.weight.detach() - before).abs(), torch.full((3, 5), 0.05),
+                          rtol=1e-3, atol=0)
+    assert not net.training
