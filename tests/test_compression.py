@@ -249,6 +249,52 @@ def test_a_code_bits_budget_is_met_from_below():
         assert qnet.code_entropy_bits <= budget
         assert qnet.code_entropy_bits > budget - 0.5  # the bisection does not give away bits
         assert qnet.config["code_bits"] == budget and qnet.config["lam"] > 0
+        # the largest such lam: a little more buys codes over the budget
+        dearer = pqnet.quantize(posterior, "sigma-code", lam=qnet.config["lam"] * 1.001)
+        assert dearer.code_entropy_bits > budget
+
+
+def test_a_code_bits_budget_counts_every_layer():
+    posterior, _ = _tiny_task()
+    posterior.scale.update({k: torch.full_like(v, 0.05) for k, v in posterior.scale.items()})
+    for budget in (1.0, 2.0):
+        qnet = pqnet.quantize(posterior, "sigma-code", code_bits=budget)
+        entropies = [codec.layer_entropy_bits(layer) for layer in qnet.layers.values()]
+        assert len(set(entropies)) == 2  # two layers with codes of their own
+        assert budget - 0.25 < qnet.code_entropy_bits <= budget
+
+
+def test_the_code_bits_search_tries_a_fixed_number_of_lams(monkeypatch):
+    """Both ends, then :data:`BISECTIONS` halvings of log10 lam; one assignment per layer
+    each, and one more per layer for the result."""
+    import importlib
+
+    # the module (pqnet.quantize.sigma_code is also the name of the function)
+    sigma_code = importlib.import_module("pqnet.quantize.sigma_code")
+
+    calls = []
+    real = sigma_code.assign
+    monkeypatch.setattr(sigma_code, "assign", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    posterior, _ = _tiny_task()
+    pqnet.quantize(posterior, "sigma-code", code_bits=1.0)
+    assert len(calls) == 2 * (2 + sigma_code.BISECTIONS + 1)
+
+
+def test_an_unreachable_code_bits_budget_is_named():
+    """With a k interval, even lam -> 0 keeps some bits: a budget below them is refused."""
+    with pytest.raises(ValueError, match=r"^code_bits: no allocation reaches 0.001; the fewest"):
+        pqnet.quantize(linear_posterior(), "sigma-code", k=0.01, code_bits=1e-3)
+
+
+def test_a_sigma_code_layer_of_two_values_has_one_bit_codes():
+    """The fixed-width code of a layer is as wide as its number of used values needs."""
+    module = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([[-0.5, 0.5, 0.5, -0.5]] * 3))
+    posterior = make_posterior(module, {"weight": torch.full((3, 4), 1e-3)})
+    qnet = pqnet.quantize(posterior, "sigma-code", k=1.0)
+    assert qnet.layers[""].widths == [1] and qnet.avg_bits == 1.0
+    assert torch.equal(qnet.weights()["weight"], module.weight.detach())
 
 
 @pytest.mark.parametrize("budget, message", [({"k": 0}, "k: expected a positive"),
