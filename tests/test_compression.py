@@ -168,10 +168,25 @@ def test_one_step_of_the_assignment_is_the_rule_weight_by_weight(levels):
     grid = np.arange(levels, dtype=np.float64) - levels // 2
     mu = rng.integers(-2 * levels, 2 * levels + 1, size=300) / 4.0
     sigma = rng.choice([0.25, 0.5, 1.0, 1.5], size=300)
+    nearest = np.abs(grid[None, :] - mu[:, None]).argmin(1)
+
+    def objective(index, lam):  # code entropy + lam * mean z^2, bits per weight
+        p = np.bincount(index) / len(index)
+        p = p[p > 0]
+        return -(p * np.log2(p)).sum() + lam * np.mean(((grid[index] - mu) / sigma) ** 2)
+
     for k in (0.5, 1.0, 2.0, math.inf):
         for lam in (0.0, 0.3, 2.0):
-            index, _ = assign(mu, sigma, grid, k=k, lam=lam, steps=1)
+            index, history = assign(mu, sigma, grid, k=k, lam=lam, steps=1)
             assert np.array_equal(index, _one_step_by_hand(mu, sigma, grid, k, lam)), (k, lam)
+            assert history[0] == pytest.approx(objective(nearest, lam), abs=1e-12)
+            if not np.array_equal(index, nearest):
+                assert history == pytest.approx([objective(nearest, lam),
+                                                 objective(index, lam)], abs=1e-12)
+            # run to its end, then started there, the assignment takes no step
+            index, _ = assign(mu, sigma, grid, k=k, lam=lam)
+            again, history = assign(mu, sigma, grid, k=k, lam=lam, start=index)
+            assert np.array_equal(again, index) and len(history) == 1
 
 
 def test_a_code_bits_budget_at_nearest_roundings_entropy_is_nearest_rounding():
