@@ -346,6 +346,37 @@ def test_random_bits_gives_the_narrow_posterior_more_bits():
     assert qnet.layer_bits["2"] > qnet.layer_bits["1"]
 
 
+def _greedy_widths(log_q: list[list[float]], sizes: list[int], budget: float) -> list[int]:
+    """Random Bits' rule, written out: each layer's mode, then, while over the budget, one
+    bit off the layer whose step down loses the least log-probability per weight (the first
+    of equals; never below 1 bit)."""
+    bits = [max(range(8), key=lambda b, q=q: (q[b], -b)) + 1 for q in log_q]
+    while sum(b * n for b, n in zip(bits, sizes, strict=True)) > budget * sum(sizes) + 1e-9:
+        costs = [(q[b - 1] - q[b - 2]) / n if b > 1 else math.inf
+                 for q, b, n in zip(log_q, bits, sizes, strict=True)]
+        bits[costs.index(min(costs))] -= 1
+    return bits
+
+
+def test_random_bits_widths_are_the_modes_lowered_by_the_cheapest_bit():
+    from pqnet.quantize.random_bits import most_probable_within
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        layers = 1 + trial % 4
+        logits = 3 * torch.randn(layers, 8, generator=gen, dtype=torch.float64)
+        sizes = torch.randint(1, 6 if trial % 2 else 500, (layers,), generator=gen).double()
+        budget = 1 + 7 * float(torch.rand(1, generator=gen))
+        got = most_probable_within(logits, sizes, budget)
+        expected = _greedy_widths(logits.log_softmax(-1).tolist(), sizes.int().tolist(), budget)
+        assert got.tolist() == expected, (logits, sizes, budget)
+    # a budget the modes meet exactly keeps them
+    logits = torch.zeros(2, 8, dtype=torch.float64)
+    logits[0, 2] = logits[1, 4] = 5.0  # modes 3 and 5 bits
+    sizes = torch.tensor([10.0, 30.0])
+    assert most_probable_within(logits, sizes, 4.5).tolist() == [3, 5]  # (30 + 150) / 40
+
+
 def test_finetuning_keeps_the_codebooks_and_recovers_accuracy(digits):
     posterior, test, float_accuracy, train = digits
     before = pqnet.quantize(posterior, "uniform", bits=1)
