@@ -373,8 +373,8 @@ def test_random_bits_widths_are_the_modes_lowered_by_the_cheapest_bit():
     # a budget the modes meet exactly keeps them
     logits = torch.zeros(2, 8, dtype=torch.float64)
     logits[0, 2] = logits[1, 4] = 5.0  # modes 3 and 5 bits
-    sizes = torch.tensor([10.0, 30.0])
-    assert most_probable_within(logits, sizes, 4.5).tolist() == [3, 5]  # (30 + 150) / 40
+    for sizes in ([10.0, 30.0], [1e7, 3e7]):  # the big ones: 1e-9 is below float64's step
+        assert most_probable_within(logits, torch.tensor(sizes), 4.5).tolist() == [3, 5]
 
 
 def test_finetuning_keeps_the_codebooks_and_recovers_accuracy(digits):
