@@ -1401,3 +1401,68 @@ def test_plain_training_one_batch_is_one_adam_step_of_size_lr():
     assert torch.allclose((net.weight.detach() - before).abs(), torch.full((3, 5), 0.05),
                           rtol=1e-3, atol=0)
     assert not net.training
+
+
+# --------------------------------------------------------------------------- random-bits
+
+
+def _one_sure_layer():
+    """A linear classifier of 16 examples whose posterior is all but a point: every width's
+    log-likelihood is exact, and the whole data is one batch."""
+    from pqnet.quantize.grids import grid_layer
+    from tests.test_quantize import make_posterior
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    module = nn.Linear(6, 3)
+    with torch.no_grad():
+        module.weight.copy_(0.5 * torch.randn(3, 6, generator=gen))
+    posterior = make_posterior(module, {"weight": torch.full((3, 6), 1e-9)})
+    mu = posterior.loc["weight"]
+    log_lik = torch.stack([  # -n * cross-entropy of the net at each width, 1..8
+        -16 * torch.nn.functional.cross_entropy(
+            nn.functional.linear(x, grid_layer(mu, b, sigma=posterior.scale["weight"]).values(),
+                                 module.bias), y).double() for b in range(1, 9)]).detach()
+    return posterior, TensorDataset(x, y), log_lik
+
+
+def test_random_bits_two_svi_steps_by_hand():
+    """Step 1 (rho = 1, no penalty yet): q(b) = softmax of the log-likelihoods; the dual
+    ascent then sets lambda = max(0, dual_lr (E_q[b] - budget)). Step 2 mixes in the new
+    estimate, less lambda n b nats, at rho = 2^-forgetting."""
+    from pqnet.quantize.random_bits import random_bits
+
+    posterior, data, log_lik = _one_sure_layer()
+    widths = torch.arange(1.0, 9.0, dtype=torch.float64)
+    q1 = log_lik.softmax(0)
+    penalty = max(0.0, 0.3 * (float(q1 @ widths) - 1.5))
+    assert penalty > 0  # the budget binds
+    one = random_bits(posterior, data=data, avg_bits=1.5, steps=1, dual_lr=0.3)
+    assert one.config["bit_probabilities"][""] == pytest.approx(q1.tolist(), abs=1e-6)
+    assert one.config["final"] == pytest.approx(  # float32 forward passes: 1e-5 apart
+        {"penalty": penalty, "expected_avg_bits": float(q1 @ widths)}, rel=1e-4)
+    rho = 2 ** -0.8
+    q2 = ((1 - rho) * log_lik + rho * (log_lik - penalty * 16 * widths)).softmax(0)
+    two = random_bits(posterior, data=data, avg_bits=1.5, steps=2, dual_lr=0.3,
+                      forgetting=0.8)
+    assert two.config["bit_probabilities"][""] == pytest.approx(q2.tolist(), abs=1e-6)
+    assert two.config["final"]["expected_avg_bits"] == pytest.approx(float(q2 @ widths),
+                                                                      rel=1e-4)
+    # the widths: the most probable (within the budget here)
+    assert two.layer_bits[""] == int(q2.argmax()) + 1 <= 1.5
+
+
+def test_random_bits_records_its_defaults_and_names_bad_arguments():
+    from pqnet.quantize.random_bits import random_bits
+
+    posterior, data, _ = _one_sure_layer()
+    default = random_bits(posterior, data=data)  # its own defaults, not quantize's
+    assert {k: v for k, v in default.config.items() if k not in ("final", "bit_probabilities")} \
+        == {"avg_bits": 3.0, "seed": 0, "steps": 40, "batch_size": 256, "forgetting": 0.7,
+            "dual_lr": 0.5}
+    assert default.avg_bits <= 3.0
+    for bad, message in [({"avg_bits": 0.5}, "avg_bits: "), ({"steps": 0}, "steps: "),
+                         ({"batch_size": 0}, "batch_size: "), ({"forgetting": 0.5}, "forgetting: "),
+                         ({"forgetting": 1.01}, "forgetting: "), ({"dual_lr": -1.0}, "dual_lr: ")]:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            random_bits(posterior, data=data, **bad)
