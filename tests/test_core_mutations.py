@@ -1463,6 +1463,12 @@ def test_random_bits_records_its_defaults_and_names_bad_arguments():
     assert default.avg_bits <= 3.0
     for bad, message in [({"avg_bits": 0.5}, "avg_bits: "), ({"steps": 0}, "steps: "),
                          ({"batch_size": 0}, "batch_size: "), ({"forgetting": 0.5}, "forgetting: "),
-                         ({"forgetting": 1.01}, "forgetting: "), ({"dual_lr": -1.0}, "dual_lr: ")]:
+                         ({"forgetting": 1.01}, "forgetting: "), ({"dual_lr": -1.0}, "dual_lr: "),
+                         ({"forgetting": float("nan")}, "forgetting: "),
+                         ({"steps": (1 << 30) + 1}, r"steps: .* 1\.\.1073741824"),
+                         ({"batch_size": (1 << 30) + 1}, r"batch_size: .* 1\.\.1073741824")]:
         with pytest.raises(ValueError, match=f"^{message}"):
             random_bits(posterior, data=data, **bad)
+    # the ends that are allowed: one example a batch, and kappa = 1 (rho_t = 1 / (t + 1))
+    edge = random_bits(posterior, data=data, steps=2, batch_size=1, forgetting=1.0)
+    assert edge.config["batch_size"] == 1 and edge.config["forgetting"] == 1.0
