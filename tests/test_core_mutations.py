@@ -1469,6 +1469,14 @@ def test_random_bits_records_its_defaults_and_names_bad_arguments():
                          ({"batch_size": (1 << 30) + 1}, r"batch_size: .* 1\.\.1073741824")]:
         with pytest.raises(ValueError, match=f"^{message}"):
             random_bits(posterior, data=data, **bad)
+    with pytest.raises(ValueError, match="^data: "):  # inputs of 7 features for a Linear(6, 3)
+        random_bits(posterior, data=TensorDataset(torch.randn(4, 7), torch.zeros(4).long()))
+    # the modes of the caller's module, submodules included, are left alone
+    from tests.test_quantize import make_posterior
+
+    training = make_posterior(nn.Sequential(nn.Linear(6, 3)).train())
+    random_bits(training, data=data, steps=1)
+    assert all(m.training for m in training.module.modules())
     # the ends that are allowed: one example a batch, and kappa = 1 (rho_t = 1 / (t + 1))
     edge = random_bits(posterior, data=data, steps=2, batch_size=1, forgetting=1.0)
     assert edge.config["batch_size"] == 1 and edge.config["forgetting"] == 1.0
