@@ -301,6 +301,17 @@ def test_an_unreachable_code_bits_budget_is_named():
         pqnet.quantize(linear_posterior(), "sigma-code", k=0.01, code_bits=1e-3)
 
 
+def test_sigma_code_records_its_defaults():
+    """Called directly with nothing but the posterior: the shortest code within 1 sd."""
+    from pqnet.quantize.sigma_code import sigma_code
+
+    posterior = linear_posterior()
+    default = sigma_code(posterior)
+    assert default.config == {"k": 1.0, "lam": 0.0, "code_bits": None, "seed": 0}
+    assert torch.equal(default.layers[""].codes,
+                       sigma_code(posterior, k=1.0, lam=0.0, seed=0).layers[""].codes)
+
+
 def test_a_sigma_code_layer_of_two_values_has_one_bit_codes():
     """The fixed-width code of a layer is as wide as its number of used values needs."""
     module = nn.Linear(4, 3, bias=False)
