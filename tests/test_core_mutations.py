@@ -1480,3 +1480,72 @@ def test_random_bits_records_its_defaults_and_names_bad_arguments():
     # the ends that are allowed: one example a batch, and kappa = 1 (rho_t = 1 / (t + 1))
     edge = random_bits(posterior, data=data, steps=2, batch_size=1, forgetting=1.0)
     assert edge.config["batch_size"] == 1 and edge.config["forgetting"] == 1.0
+
+
+def _random_bits_by_hand(posterior, data, budget: float, steps: int, seed: int = 0,
+                         forgetting: float = 0.7, dual_lr: float = 0.5):
+    """Random Bits' SVI for a posterior that is all but a point and one batch of all the
+    data, written out: each step draws the other layers' widths from q, scores every width
+    of every layer exactly, mixes the estimate in at rho_t, then moves lambda. The generator
+    is consumed in the method's order (the batch order, each layer's posterior draw, the
+    widths), so the widths drawn are the method's."""
+    from torch.func import functional_call
+
+    from pqnet.inference.batching import batches
+    from pqnet.quantize.budget import layer_posteriors
+    from pqnet.quantize.grids import grid_layer
+
+    layers = layer_posteriors(posterior)
+    values = {p: [grid_layer(mu, b, sigma=sigma).values() for b in range(1, 9)]
+              for p, mu, sigma in layers}
+    n = len(data)
+    widths = torch.arange(1.0, 9.0, dtype=torch.float64)
+    sizes = torch.tensor([float(mu.numel()) for _, mu, _ in layers], dtype=torch.float64)
+    cost = n * sizes[:, None] / sizes.sum() * widths
+    logits, penalty = torch.zeros(len(layers), 8, dtype=torch.float64), 0.0
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(steps):
+        x, y = next(batches(data, n, generator=gen))
+        for _, mu, _ in layers:
+            torch.randn(mu.shape, generator=gen)  # the posterior draw: w = mu here
+        drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1).tolist()
+        log_lik = torch.empty_like(logits)
+        for i, (path, _, _) in enumerate(layers):
+            for b in range(8):
+                w = {f"{p}.weight": values[p][b if j == i else drawn[j]]
+                     for j, (p, _, _) in enumerate(layers)}
+                f = functional_call(posterior.module, w, (x,), strict=False)
+                log_lik[i, b] = -n * torch.nn.functional.cross_entropy(f, y).double()
+        rho = (t + 1) ** -forgetting
+        logits = (1 - rho) * logits + rho * (log_lik - penalty * cost)
+        expected = float((logits.softmax(-1) @ widths) @ sizes / sizes.sum())
+        penalty = max(0.0, penalty + dual_lr * (expected - budget))
+    return logits.softmax(-1), expected, penalty
+
+
+def test_random_bits_forty_svi_steps_on_two_layers_by_hand():
+    from pqnet.quantize.grids import grid_layer
+    from pqnet.quantize.random_bits import random_bits
+    from tests.test_quantize import make_posterior
+
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 5, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        module = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    posterior = make_posterior(module, {
+        "0.weight": 1e-9 * (1 + torch.rand(8, 5, generator=gen)),
+        "2.weight": 1e-9 * (1 + torch.rand(3, 8, generator=gen))})
+    data = TensorDataset(x, y)
+    q, expected, penalty = _random_bits_by_hand(posterior, data, budget=2.5, steps=40, seed=3)
+    got = random_bits(posterior, data=data, avg_bits=2.5, steps=40, batch_size=24, seed=3)
+    for i, path in enumerate(("0", "2")):
+        assert got.config["bit_probabilities"][path] == pytest.approx(q[i].tolist(), abs=1e-5)
+    assert got.config["final"] == pytest.approx({"penalty": penalty,
+                                                 "expected_avg_bits": expected}, rel=1e-4)
+    assert got.method == "random-bits" and got.avg_bits <= 2.5
+    for path, mu, sigma in [(p, posterior.loc[f"{p}.weight"], posterior.scale[f"{p}.weight"])
+                            for p in ("0", "2")]:  # each layer on its posterior's grid
+        width = int(got.layer_bits[path])
+        assert torch.equal(got.weights()[f"{path}.weight"],
+                           grid_layer(mu, width, sigma=sigma).values())
