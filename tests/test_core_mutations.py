@@ -1552,3 +1552,27 @@ def test_random_bits_sixty_svi_steps_on_two_layers_by_hand():
         width = int(got.layer_bits[path])
         assert torch.equal(got.weights()[f"{path}.weight"],
                            grid_layer(mu, width, sigma=sigma).values())
+
+
+# --------------------------------------------------------------------------- reprs
+
+
+def test_the_short_reprs_word_for_word():
+    """A root layer is "(root)"; the fit's epochs and KL weight show only when both are
+    known; a random bias is said; columns are aligned and lines carry no trailing blanks."""
+    import dataclasses
+
+    from tests.test_quantize import make_posterior
+
+    root = make_posterior(nn.Linear(3, 2), {"weight": torch.full((2, 3), 0.1)})
+    text = ("Posterior(1 random layers, 6 random weights, likelihood='categorical')\n"
+            "  (root)  Linear  2x3  6 random  mean sigma 0.1")
+    assert repr(root) == text
+    assert repr(dataclasses.replace(root, config={"epochs": 3})) == text
+    fitted = dataclasses.replace(root, config={"epochs": 3, "kl_weight": 0.1})
+    assert repr(fitted).splitlines()[0] == ("Posterior(1 random layers, 6 random weights, "
+                                            "likelihood='categorical', epochs=3, kl_weight=0.1)")
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2)))
+    assert repr(bnn).splitlines()[1:] == ["  0  Linear  12x3  48 random (bias too)",
+                                          "  2  Linear  2x12  26 random (bias too)"]
