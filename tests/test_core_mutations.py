@@ -573,6 +573,11 @@ def test_fixing_weights_is_cumulative_and_takes_any_mask_and_value_type():
     assert guide.loc_of(site).dtype == torch.float32
     with pytest.raises(ValueError, match="^mask: would free weights"):
         guide.fix(site, first, 0.0)
+    # through the BNN: the prior of a fixed weight is the same point, in the prior's dtype
+    bnn.fix(site, second, torch.tensor(-0.5, dtype=torch.float64))
+    prior_loc, prior_scale = bnn.prior_parameters(site)
+    assert prior_loc.dtype == prior_scale.dtype == torch.float32
+    assert torch.equal(prior_loc[second.bool()], torch.full((3,), -0.5))
 
 
 def test_pwfn_scale_is_clamped_to_its_range_and_keeps_the_dtype():
@@ -1576,3 +1581,21 @@ def test_the_short_reprs_word_for_word():
     bnn = pqnet.bayesian(nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2)))
     assert repr(bnn).splitlines()[1:] == ["  0  Linear  12x3  48 random (bias too)",
                                           "  2  Linear  2x12  26 random (bias too)"]
+
+
+def test_posterior_sample_with_a_seed_is_a_draw_and_needs_no_seed():
+    """``sample(1, seed)`` is :meth:`Posterior.draw` from a generator seeded with ``seed``
+    (the same normals, layer by layer); without a seed it draws from torch's global
+    generator."""
+    from tests.test_quantize import make_posterior
+
+    posterior = make_posterior(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    one = posterior.sample(1, seed=5)
+    drawn = posterior.draw(torch.Generator().manual_seed(5))
+    for k in posterior.loc:
+        assert torch.equal(one[k][0], drawn[k])
+    assert posterior.sample(3, seed=5)["0.weight"].shape == (3, 4, 3)
+    torch.manual_seed(1)
+    unseeded = posterior.sample(2)
+    torch.manual_seed(1)
+    assert torch.equal(posterior.sample(2)["0.weight"], unseeded["0.weight"])

@@ -153,7 +153,7 @@ class BNN(PyroModule):
             prior = getattr(layer, f"{param}_prior_{kind}").expand(shape)
             fixed = torch.as_tensor(fixed, dtype=prior.dtype, device=prior.device)
             setattr(layer, f"{param}_prior_{kind}",
-                    torch.where(mask.to(prior.device), fixed, prior).detach())
+                    torch.where(mask.to(prior.device, torch.bool), fixed, prior).detach())
 
     def site_layer(self, site: str) -> tuple[nn.Module, str]:
         """The Bayesian layer that holds ``site`` and the parameter's name in it (looked up
