@@ -1445,6 +1445,7 @@ def test_random_bits_two_svi_steps_by_hand():
     assert penalty > 0  # the budget binds
     one = random_bits(posterior, data=data, avg_bits=1.5, steps=1, dual_lr=0.3)
     assert one.config["bit_probabilities"][""] == pytest.approx(q1.tolist(), abs=1e-6)
+    assert all(round(p, 6) == p for p in one.config["bit_probabilities"][""])  # 6 decimals
     assert one.config["final"] == pytest.approx(  # float32 forward passes: 1e-5 apart
         {"penalty": penalty, "expected_avg_bits": float(q1 @ widths)}, rel=1e-4)
     rho = 2 ** -0.8
