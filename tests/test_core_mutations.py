@@ -1600,3 +1600,66 @@ def test_posterior_sample_with_a_seed_is_a_draw_and_needs_no_seed():
     unseeded = posterior.sample(2)
     torch.manual_seed(1)
     assert torch.equal(posterior.sample(2)["0.weight"], unseeded["0.weight"])
+
+
+# ----------------------------------------------------------------- the BNN as a Pyro model
+
+
+def test_the_model_scales_its_likelihood_through_the_data_plate():
+    """A Pyro user's view: the ``obs`` site sits in a plate named ``data`` of the data set's
+    size, so its log-likelihood is scaled by N / B; a learned noise is each BNN's own (not
+    one shared through Pyro's global parameter store)."""
+    from pyro import poutine
+
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    models = [pqnet.bayesian(nn.Linear(3, 1), likelihood="normal", noise=s, learn_noise=True)
+              for s in (0.5, 2.0)]
+    for bnn, noise in zip(models, (0.5, 2.0), strict=True):
+        obs = poutine.trace(bnn).get_trace(x, y, dataset_size=100).nodes["obs"]
+        assert [f.name for f in obs["cond_indep_stack"]] == ["data"]
+        assert obs["cond_indep_stack"][0].full_size == 100 and obs["scale"] == 100 / 8
+        assert float(obs["fn"].base_dist.scale[0, 0].detach()) == pytest.approx(noise)
+
+
+def test_bnn_kl_of_given_means_and_variances():
+    """``kl(locs, variances)`` is the KL of those, not of the guide's current ones."""
+    from pqnet.bnn.convert import normal_kl
+
+    bnn = pqnet.bayesian(nn.Linear(3, 2), init_scale=0.1)
+    locs = {s: torch.full_like(bnn.guide.loc_of(s), 0.3) for s in bnn.sites}
+    variances = {s: torch.full_like(bnn.guide.loc_of(s), 0.04) for s in bnn.sites}
+    by_hand = sum(float(normal_kl(locs[s], variances[s], *bnn.prior_parameters(s)))
+                  for s in bnn.sites)
+    with torch.no_grad():
+        assert float(bnn.kl(locs, variances)) == pytest.approx(float(by_hand))
+        assert float(bnn.kl(locs, variances)) != pytest.approx(float(bnn.kl()))
+
+
+def test_a_posterior_saved_and_loaded_is_the_same_and_a_foreign_file_is_named(tmp_path):
+    from tests.test_quantize import make_posterior
+
+    posterior = make_posterior(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
+    posterior.history.append({"epoch": 1, "loss": 2.5})
+    posterior.config.update({"epochs": 1, "kl_weight": 0.1})
+    loaded = pqnet.Posterior.load(posterior.save(tmp_path / "p.pt"))
+    for k in posterior.loc:
+        assert torch.equal(loaded.loc[k], posterior.loc[k])
+        assert torch.equal(loaded.scale[k], posterior.scale[k])
+    assert loaded.layers == posterior.layers and loaded.likelihood == posterior.likelihood
+    assert loaded.history == posterior.history and loaded.config == posterior.config
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), posterior.module(x))
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="^path: .*posterior"):
+        pqnet.Posterior.load(tmp_path / "other.pt")
+
+
+def test_posteriors_read_off_one_bnn_at_two_times_do_not_share_their_networks():
+    bnn = pqnet.bayesian(nn.Linear(3, 2), init_scale=0.1)
+    before = pqnet.Posterior.from_bnn(bnn)
+    bnn.fix("net.weight", torch.ones(2, 3, dtype=torch.bool), torch.tensor(0.7))
+    after = pqnet.Posterior.from_bnn(bnn)
+    assert torch.equal(after.module.weight, torch.full((2, 3), 0.7))
+    assert torch.equal(before.module.weight, before.loc["weight"])
+    assert not torch.equal(before.module.weight, after.module.weight)
