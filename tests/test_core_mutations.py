@@ -1579,9 +1579,9 @@ def test_the_short_reprs_word_for_word():
     assert repr(fitted).splitlines()[0] == ("Posterior(1 random layers, 6 random weights, "
                                             "likelihood='categorical', epochs=3, kl_weight=0.1)")
     torch.manual_seed(0)
-    bnn = pqnet.bayesian(nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 2)))
-    assert repr(bnn).splitlines()[1:] == ["  0  Linear  12x3  48 random (bias too)",
-                                          "  2  Linear  2x12  26 random (bias too)"]
+    bnn = pqnet.bayesian(nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 100)))
+    assert repr(bnn).splitlines()[1:] == ["  0  Linear  12x3    48 random (bias too)",
+                                          "  2  Linear  100x12  1,300 random (bias too)"]
 
 
 def test_posterior_sample_with_a_seed_is_a_draw_and_needs_no_seed():
