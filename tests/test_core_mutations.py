@@ -574,7 +574,7 @@ def test_fixing_weights_is_cumulative_and_takes_any_mask_and_value_type():
     with pytest.raises(ValueError, match="^mask: would free weights"):
         guide.fix(site, first, 0.0)
     # through the BNN: the prior of a fixed weight is the same point, in the prior's dtype
-    bnn.fix(site, second, torch.tensor(-0.5, dtype=torch.float64))
+    bnn.fix(site, second, torch.full((2, 3), -0.5, dtype=torch.float64))
     prior_loc, prior_scale = bnn.prior_parameters(site)
     assert prior_loc.dtype == prior_scale.dtype == torch.float32
     assert torch.equal(prior_loc[second.bool()], torch.full((3,), -0.5))
@@ -1651,7 +1651,7 @@ def test_a_posterior_saved_and_loaded_is_the_same_and_a_foreign_file_is_named(tm
     with torch.no_grad():
         assert torch.equal(loaded.module(x), posterior.module(x))
     torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="^path: .*posterior"):
+    with pytest.raises(ValueError, match=r"^path: .* is not a pqnet posterior file$"):
         pqnet.Posterior.load(tmp_path / "other.pt")
 
 
