@@ -1663,3 +1663,39 @@ def test_posteriors_read_off_one_bnn_at_two_times_do_not_share_their_networks():
     assert torch.equal(after.module.weight, torch.full((2, 3), 0.7))
     assert torch.equal(before.module.weight, before.loc["weight"])
     assert not torch.equal(before.module.weight, after.module.weight)
+
+
+@pytest.mark.parametrize("per_weight_prior", [False, True])
+def test_normal_kl_of_a_large_layer_close_to_its_prior_keeps_its_digits(per_weight_prior):
+    """Four million weights within 1e-3 of a N(0.2, 0.5^2) prior: each term is ~1e-6 and
+    the sums it is made of are ~1e6, so they are taken in float64 (float32 sums would be
+    off by more than the KL itself). The prior's scale as a scalar or one per weight."""
+    from pqnet.bnn.convert import normal_kl
+
+    gen = torch.Generator().manual_seed(0)
+    n = 1 << 22
+    loc = 0.2 + 1e-3 * torch.randn(n, generator=gen)
+    var = 0.25 * (1 + 1e-3 * torch.randn(n, generator=gen))
+    s = torch.full((n,), 0.5) if per_weight_prior else torch.tensor(0.5)
+    m = torch.full((n,), 0.2) if per_weight_prior else torch.tensor(0.2)
+    d = {k: t.double() for k, t in (("loc", loc), ("var", var), ("s", s), ("m", m))}
+    exact = (d["s"].log() - 0.5 * d["var"].log()
+             + (d["var"] + (d["loc"] - d["m"]).square()) / (2 * d["s"].square()) - 0.5).sum()
+    assert 1 < float(exact) < 10
+    # float32 terms: 3e-4 of the KL off with a scalar prior, 1.3e-3 with one per weight
+    # (each term is rounded before the sum); float32 sums would be 2e-3 to 2.5e-2 off
+    assert float(normal_kl(loc, var, m, s)) == pytest.approx(
+        float(exact), rel=3e-3 if per_weight_prior else 1e-3)
+
+
+def test_normal_kl_with_a_prior_per_weight_of_a_vector():
+    """A bias's prior after fixing is a vector of its shape: the per-weight rule, not the
+    scalar one."""
+    from pqnet.bnn.convert import normal_kl
+
+    loc, var = torch.tensor([0.1, -0.2, 0.3]), torch.tensor([0.01, 0.04, 0.09])
+    m, s = torch.tensor([0.0, 0.1, 0.3]), torch.tensor([1.0, 0.5, 0.3])
+    by_hand = sum(math.log(s[i] / var[i].sqrt()) + (var[i] + (loc[i] - m[i]) ** 2)
+                  / (2 * s[i] ** 2) - 0.5 for i in range(3))
+    kl = normal_kl(loc, var, m, s)
+    assert kl.shape == () and float(kl) == pytest.approx(float(by_hand), rel=1e-5)
