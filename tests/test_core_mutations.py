@@ -1699,3 +1699,24 @@ def test_normal_kl_with_a_prior_per_weight_of_a_vector():
                   / (2 * s[i] ** 2) - 0.5 for i in range(3))
     kl = normal_kl(loc, var, m, s)
     assert kl.shape == () and float(kl) == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_bayesian_records_each_layer_with_its_defaults_and_does_not_alias_the_callers_net():
+    """Each layer's record (its path, kind, shape, fan-in: 1 for an embedding table, whose
+    rows are looked up, not summed), the fan-in prior's scale sqrt(2 / fan_in), the relative
+    initial scale 0.1 |w|, a regression likelihood's learned noise starting at 1; and the
+    caller's network changed afterwards does not reach the BNN or its posterior."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2))
+    bnn = pqnet.bayesian(net, embeddings=True, init_scale="relative")
+    assert bnn.layers == {"0": LayerInfo("0", "Embedding", (5, 4), 1, False),
+                          "2": LayerInfo("2", "Linear", (2, 8), 8, True)}
+    assert float(bnn.prior_parameters("net.0.weight")[1]) == pytest.approx(math.sqrt(2))
+    assert float(bnn.prior_parameters("net.2.weight")[1]) == pytest.approx(math.sqrt(2 / 8))
+    assert torch.allclose(bnn.guide.scale_of("net.2.weight"),
+                          (0.1 * net[2].weight.abs()).clamp_min(1e-6))
+    regression = pqnet.bayesian(nn.Linear(3, 1), likelihood="normal")
+    assert regression.likelihood.learn_noise and regression.likelihood.describe() == {
+        "kind": "normal", "noise": 1.0}
+    net.append(nn.Softmax(-1))  # the caller reuses its Sequential
+    assert len(pqnet.Posterior.from_bnn(bnn).module) == 3
