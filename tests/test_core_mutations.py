@@ -16,6 +16,8 @@ import math
 import os
 import re
 import stat
+import sys
+import warnings
 
 import numpy as np
 import pyro
@@ -1720,3 +1722,42 @@ def test_bayesian_records_each_layer_with_its_defaults_and_does_not_alias_the_ca
         "kind": "normal", "noise": 1.0}
     net.append(nn.Softmax(-1))  # the caller reuses its Sequential
     assert len(pqnet.Posterior.from_bnn(bnn).module) == 3
+
+
+# --------------------------------------------------------------------------- analysis: words
+
+
+def test_bits_sigma_text_word_for_word():
+    from pqnet.diagnostics.analysis import bits_sigma_text
+
+    head = "Spearman correlation of code width with relative posterior sd: "
+    assert bits_sigma_text(math.nan) == ("All weights have the same width: no correlation of "
+                                         "bits with posterior sd.")
+    assert bits_sigma_text(-0.456) == (f"{head}-0.46: more bits went to weights whose "
+                                       "posterior is more certain.")
+    assert bits_sigma_text(0.4) == (f"{head}+0.40: more bits went to weights whose posterior "
+                                    "is *less* certain, the opposite of the uncertainty-to-bits "
+                                    "premise.")
+    assert bits_sigma_text(0.0) == f"{head}+0.00: widths do not follow the posterior sd."
+
+
+def test_uninformed_layers_are_named_in_one_warning():
+    from pqnet.diagnostics.analysis import DiagnosticWarning, _warn_uninformed
+
+    rows = [{"layer": "a", "sd_ratio": 0.1, "informed": True},
+            {"layer": "b", "sd_ratio": 0.953, "informed": False},
+            {"layer": "c", "sd_ratio": 1.2, "informed": False}]
+    def analyze_like():  # analyze calls it: the warning points at analyze's caller
+        return _warn_uninformed(rows)
+
+    with pytest.warns(DiagnosticWarning) as caught:
+        called_at = sys._getframe().f_lineno + 1
+        assert analyze_like() == ["b", "c"]
+    assert len(caught) == 1 and (caught[0].filename, caught[0].lineno) == (__file__, called_at)
+    assert str(caught[0].message) == (
+        "the data did not inform layer(s) b (sd ratio 0.95), c (sd ratio 1.20): their "
+        "posterior sd is (nearly) the prior sd, so HDI coverage and z-scores accept any value "
+        "near the prior and cannot judge their quantization; judge it by the predictive checks")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _warn_uninformed(rows[:1]) == []  # all informed: nothing to say
