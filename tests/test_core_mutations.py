@@ -1761,3 +1761,31 @@ def test_uninformed_layers_are_named_in_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _warn_uninformed(rows[:1]) == []  # all informed: nothing to say
+
+
+def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
+    """Per-example outputs in the data's order (the paired checks pair two summaries by
+    position), its defaults (32 draws, seed 0, 15 bins), a data set of one example, and the
+    argument named in each error."""
+    from pqnet.diagnostics.analysis import predictive_summary
+    from tests.test_quantize import make_posterior
+
+    torch.manual_seed(0)
+    posterior = make_posterior(nn.Linear(4, 3))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1500, 4, generator=gen), torch.randint(0, 3, (1500,), generator=gen)
+    summary = predictive_summary(posterior, TensorDataset(x, y))  # two batches of _inputs
+    assert torch.equal(summary["labels"], y)
+    assert torch.allclose(summary["probs"], pqnet.predict(posterior, x, num_samples=32, seed=0),
+                          atol=1e-6)
+    again = predictive_summary(posterior, TensorDataset(x, y), num_samples=32, seed=0,
+                               num_bins=15)
+    assert summary["nll"] == again["nll"] and len(summary["reliability"]["accuracy"]) == 15
+    one = predictive_summary(posterior, TensorDataset(x[:1], y[:1]))
+    assert one["log_density"].shape == (1,)
+    with pytest.raises(ValueError, match="^data: the dataset is empty"):
+        predictive_summary(posterior, TensorDataset(x[:0], y[:0]))
+    with pytest.raises(TypeError, match="^data: expected a torch Dataset"):
+        predictive_summary(posterior, [x, y])
+    with pytest.raises(ValueError, match=r"^data: inputs of shape \(5,\) do not fit"):
+        predictive_summary(posterior, TensorDataset(torch.randn(8, 5), y[:8]))
