@@ -139,23 +139,22 @@ def test_range_argmax_matches_brute_force():
         assert counts[got[i]] == window.max() and lo[i] <= got[i] <= hi[i]
 
 
-def _one_step_by_hand(mu, sigma, grid, k, lam):
-    """The rule of :func:`assign`'s first step, weight by weight: from nearest rounding's
-    counts, each weight takes, among the levels with ``|v - mu| <= k sigma``, the most
-    frequent one (``lam = 0``; the leftmost of equals) or the used one of least
-    ``-log2 p + lam z^2`` (``lam > 0``); with no such level, its nearest."""
+def _one_step_by_hand(mu, sigma, grid, k, lam, start=None):
+    """The rule of :func:`assign`'s first step, weight by weight: from the counts of
+    ``start`` (default: nearest rounding), each weight takes, among the used levels with
+    ``|v - mu| <= k sigma``, the most frequent one (``lam = 0``; the leftmost of equals) or
+    the one of least ``-log2 p + lam z^2`` (``lam > 0``); with no such level, its nearest."""
     nearest = np.abs(grid[None, :] - mu[:, None]).argmin(1)
-    counts = np.bincount(nearest, minlength=len(grid))
+    counts = np.bincount(nearest if start is None else start, minlength=len(grid))
     out = nearest.copy()
     for i in range(len(mu)):
         inside = np.flatnonzero(np.abs(grid - mu[i]) <= k * sigma[i])
-        if lam == 0 and len(inside):
-            out[i] = inside[np.argmax(counts[inside])]
-        elif lam > 0:
-            used = inside[counts[inside] > 0]
+        used = inside[counts[inside] > 0]
+        if len(used) and lam == 0:
+            out[i] = used[np.argmax(counts[used])]
+        elif len(used):
             z = (grid[used] - mu[i]) / sigma[i]
-            if len(used):
-                out[i] = used[np.argmin(-np.log2(counts[used] / counts.sum()) + lam * z ** 2)]
+            out[i] = used[np.argmin(-np.log2(counts[used] / counts.sum()) + lam * z ** 2)]
     return out
 
 
@@ -183,10 +182,26 @@ def test_one_step_of_the_assignment_is_the_rule_weight_by_weight(levels):
             if not np.array_equal(index, nearest):
                 assert history == pytest.approx([objective(nearest, lam),
                                                  objective(index, lam)], abs=1e-12)
+            # from another start (as fine-tuning re-rounds): levels nobody uses are no code
+            start = rng.integers(0, max(1, levels // 3), size=300)
+            index, _ = assign(mu, sigma, grid, k=k, lam=lam, steps=1, start=start)
+            assert np.array_equal(index, _one_step_by_hand(mu, sigma, grid, k, lam, start))
             # run to its end, then started there, the assignment takes no step
             index, _ = assign(mu, sigma, grid, k=k, lam=lam)
             again, history = assign(mu, sigma, grid, k=k, lam=lam, start=index)
             assert np.array_equal(again, index) and len(history) == 1
+
+
+def test_a_weight_whose_interval_holds_one_level_takes_it():
+    """Found by a reviewer: float32 midpoints put this mean nearest to level 1, but only
+    level 2 lies within one sd of it; the rule is the interval's."""
+    grid = np.array([-0.42315757, 0.10818101, 0.12095191, 0.17224613, 0.61942154],
+                    dtype=np.float32)
+    mu = np.array([0.11456646, 0.12095191, 0.12095191], dtype=np.float32)
+    sigma = np.array([0.00638545, 1e-4, 1e-4], dtype=np.float32)
+    index, _ = assign(mu, sigma, grid, k=1.0, steps=1)
+    assert np.searchsorted((grid[1:] + grid[:-1]) / 2, mu[0]) == 1  # its nearest
+    assert index[0] == 2
 
 
 def test_a_code_bits_budget_at_nearest_roundings_entropy_is_nearest_rounding():
@@ -274,8 +289,6 @@ def test_a_code_bits_budget_counts_every_layer():
     posterior.scale.update({k: torch.full_like(v, 0.05) for k, v in posterior.scale.items()})
     for budget in (1.0, 2.0):
         qnet = pqnet.quantize(posterior, "sigma-code", code_bits=budget)
-        entropies = [codec.layer_entropy_bits(layer) for layer in qnet.layers.values()]
-        assert len(set(entropies)) == 2  # two layers with codes of their own
         assert budget - 0.25 < qnet.code_entropy_bits <= budget
 
 

@@ -576,10 +576,17 @@ def test_fixing_weights_is_cumulative_and_takes_any_mask_and_value_type():
     with pytest.raises(ValueError, match="^mask: would free weights"):
         guide.fix(site, first, 0.0)
     # through the BNN: the prior of a fixed weight is the same point, in the prior's dtype
+    from pqnet.bnn.guide import FIXED_SCALE
+
+    free_loc, free_scale = (t.expand(2, 3).clone() for t in bnn.prior_parameters(site))
     bnn.fix(site, second, torch.full((2, 3), -0.5, dtype=torch.float64))
     prior_loc, prior_scale = bnn.prior_parameters(site)
     assert prior_loc.dtype == prior_scale.dtype == torch.float32
-    assert torch.equal(prior_loc[second.bool()], torch.full((3,), -0.5))
+    fixed = second.bool()
+    assert torch.equal(prior_loc[fixed], torch.full((3,), -0.5))
+    assert torch.equal(prior_scale[fixed], torch.full((3,), FIXED_SCALE))
+    assert torch.equal(prior_loc[~fixed], free_loc[~fixed])
+    assert torch.equal(prior_scale[~fixed], free_scale[~fixed])
 
 
 def test_pwfn_scale_is_clamped_to_its_range_and_keeps_the_dtype():
@@ -1602,6 +1609,8 @@ def test_posterior_sample_with_a_seed_is_a_draw_and_needs_no_seed():
     unseeded = posterior.sample(2)
     torch.manual_seed(1)
     assert torch.equal(posterior.sample(2)["0.weight"], unseeded["0.weight"])
+    torch.manual_seed(2)
+    assert not torch.equal(posterior.sample(2)["0.weight"], unseeded["0.weight"])
 
 
 # ----------------------------------------------------------------- the BNN as a Pyro model
@@ -1635,6 +1644,7 @@ def test_bnn_kl_of_given_means_and_variances():
     with torch.no_grad():
         assert float(bnn.kl(locs, variances)) == pytest.approx(float(by_hand))
         assert float(bnn.kl(locs, variances)) != pytest.approx(float(bnn.kl()))
+    assert "kl" in dir(bnn)  # what kl caches on the BNN leaves it listable (tab completion)
 
 
 def test_a_posterior_saved_and_loaded_is_the_same_and_a_foreign_file_is_named(tmp_path):
@@ -1781,6 +1791,8 @@ def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
     again = predictive_summary(posterior, TensorDataset(x, y), num_samples=32, seed=0,
                                num_bins=15)
     assert summary["nll"] == again["nll"] and len(summary["reliability"]["accuracy"]) == 15
+    seeded = predictive_summary(posterior, TensorDataset(x[:50], y[:50]), seed=3)
+    assert torch.allclose(seeded["probs"], pqnet.predict(posterior, x[:50], seed=3), atol=1e-6)
     one = predictive_summary(posterior, TensorDataset(x[:1], y[:1]))
     assert one["log_density"].shape == (1,)
     with pytest.raises(ValueError, match="^data: the dataset is empty"):

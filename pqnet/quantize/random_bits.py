@@ -115,7 +115,7 @@ def random_bits(posterior: Posterior, *, data: Dataset | None = None, seed: int 
                 drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
                 weights = {weight_name(layer): rounded[layer][b]
                            for (layer, _, _), b in zip(layers, drawn.tolist(), strict=True)}
-                log_lik = torch.empty_like(logits)
+                log_lik = torch.empty(len(layers), MAX_BITS, dtype=torch.float64)
                 for i, (layer, _, _) in enumerate(layers):
                     for b in range(MAX_BITS):
                         trial = {**weights, weight_name(layer): rounded[layer][b]}

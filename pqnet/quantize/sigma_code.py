@@ -71,10 +71,10 @@ def assign(mu: np.ndarray, sigma: np.ndarray, grid: np.ndarray, k: float = math.
     """Indices into the sorted ``grid`` for each weight, and the objective (bits per weight:
     code entropy, plus ``lam`` times the mean squared error in sds) after each step.
 
-    Nearest level first (or ``start``); then each weight takes the level of least
+    Nearest level first (or ``start``); then each weight takes the used level of least
     ``-log2 p_j + lam z^2``, ``z = (v_j - mu) / sigma``, among those within ``k`` sds (with
-    ``lam = 0``: the shortest code in the interval); a weight with no level there keeps its
-    nearest.
+    ``lam = 0``: the shortest code in the interval); a weight with no used level there keeps
+    its nearest.
     """
     nearest = np.searchsorted((grid[1:] + grid[:-1]) / 2, mu)
     step = _interval_step(mu, sigma, grid, k, nearest) if lam == 0 else \
@@ -102,7 +102,9 @@ def _interval_step(mu, sigma, grid, k, nearest):
 
     def step(counts: np.ndarray) -> np.ndarray:
         best = nearest.copy()
-        best[free] = _range_argmax(counts, lo[free], hi[free])
+        pick = _range_argmax(counts, lo[free], hi[free])
+        # an unused level has no code: with none used inside, the weight keeps its nearest
+        best[free] = np.where(counts[pick] > 0, pick, nearest[free])
         return best
 
     return step
