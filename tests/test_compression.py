@@ -193,15 +193,16 @@ def test_one_step_of_the_assignment_is_the_rule_weight_by_weight(levels):
 
 
 def test_a_weight_whose_interval_holds_one_level_takes_it():
-    """Found by a reviewer: float32 midpoints put this mean nearest to level 1, but only
-    level 2 lies within one sd of it; the rule is the interval's."""
-    grid = np.array([-0.42315757, 0.10818101, 0.12095191, 0.17224613, 0.61942154],
-                    dtype=np.float32)
-    mu = np.array([0.11456646, 0.12095191, 0.12095191], dtype=np.float32)
-    sigma = np.array([0.00638545, 1e-4, 1e-4], dtype=np.float32)
+    """A mean within a float32 rounding of the midpoint of levels 2 and 3: the midpoint rule
+    puts it nearest to 2, but only level 3 lies within one sd (the interval's search); the
+    rule is the interval's."""
+    grid = np.array([-0.7979637384414673, -0.2001526653766632, 0.6111598610877991,
+                     0.8133851289749146, 1.1433717012405396], dtype=np.float32)
+    mu = np.array([0.7122725248336792, 0.8133851289749146], dtype=np.float32)
+    sigma = np.array([0.10111261904239655, 1e-4], dtype=np.float32)
+    assert np.searchsorted((grid[1:] + grid[:-1]) / 2, mu[0]) == 2  # its nearest
     index, _ = assign(mu, sigma, grid, k=1.0, steps=1)
-    assert np.searchsorted((grid[1:] + grid[:-1]) / 2, mu[0]) == 1  # its nearest
-    assert index[0] == 2
+    assert index[0] == 3
 
 
 def test_a_code_bits_budget_at_nearest_roundings_entropy_is_nearest_rounding():
