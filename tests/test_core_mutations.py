@@ -1761,8 +1761,9 @@ def test_uninformed_layers_are_named_in_one_warning():
 
     with pytest.warns(DiagnosticWarning) as caught:
         assert analyze_like() == ["b", "c"]
-    # the file only: mutmut's trampolines add a frame, so the line is not the same there
-    assert len(caught) == 1 and caught[0].filename == __file__
+    assert len(caught) == 1
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames
+        assert caught[0].filename == __file__
     assert str(caught[0].message) == (
         "the data did not inform layer(s) b (sd ratio 0.95), c (sd ratio 1.20): their "
         "posterior sd is (nearly) the prior sd, so HDI coverage and z-scores accept any value "
