@@ -1801,3 +1801,21 @@ def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
         predictive_summary(posterior, [x, y])
     with pytest.raises(ValueError, match=r"^data: inputs of shape \(5,\) do not fit"):
         predictive_summary(posterior, TensorDataset(torch.randn(8, 5), y[:8]))
+
+
+def test_paired_difference_and_a_checks_verdict_by_hand():
+    """Vehtari et al.'s paired difference: the sum and sqrt(N Var d) by default, the mean and
+    sqrt(Var d / N) per example; a check is flagged only when worse by more than 2 standard
+    errors and more than its floor."""
+    from pqnet.diagnostics.analysis import _verdict, paired_difference
+
+    a, b = np.array([1.0, 2.0, 4.0, 0.5]), np.array([1.0, 1.0, 1.0, 2.0])
+    d = a - b  # 0, 1, 3, -1.5
+    assert paired_difference(a, b) == pytest.approx((2.5, math.sqrt(4 * d.var())))
+    assert paired_difference(a, b, total=False) == pytest.approx((0.625,
+                                                                  math.sqrt(d.var() / 4)))
+    row = _verdict("nll", 0.3, 0.2, 0.25, 0.1, 0.04, worse=0.1, floor=0.05)
+    assert row == {"check": "nll", "quantized": 0.3, "mean_network": 0.2, "posterior": 0.25,
+                   "difference": 0.1, "se": 0.04, "flagged": True}
+    assert not _verdict("nll", 0, 0, 0, 0, 0.05, worse=0.1, floor=0.05)["flagged"]  # = 2 se
+    assert not _verdict("nll", 0, 0, 0, 0, 0.01, worse=0.04, floor=0.05)["flagged"]  # < floor
