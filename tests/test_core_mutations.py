@@ -1819,3 +1819,71 @@ def test_paired_difference_and_a_checks_verdict_by_hand():
                    "difference": 0.1, "se": 0.04, "flagged": True}
     assert not _verdict("nll", 0, 0, 0, 0, 0.05, worse=0.1, floor=0.05)["flagged"]  # = 2 se
     assert not _verdict("nll", 0, 0, 0, 0, 0.01, worse=0.04, floor=0.05)["flagged"]  # < floor
+
+
+def test_prediction_checks_by_hand():
+    """Three summaries of six examples built by hand: each row's values, difference and
+    paired standard error; the KL per example with a zero probability on either side; the
+    ECE's standard error by the paired bootstrap of 200 resamples from the seed."""
+    from pqnet.diagnostics.analysis import SE_FACTOR, prediction_checks
+    from pqnet.diagnostics.metrics import expected_calibration_error
+
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def summary(probs):
+        probs = torch.tensor(probs, dtype=torch.float32)
+        log_density = probs.double().log().gather(-1, y[:, None]).squeeze(-1)
+        return {"probs": probs, "labels": y, "log_density": log_density,
+                "elpd": float(log_density.sum()), "nll": float(-log_density.mean()),
+                "ece": expected_calibration_error(probs.double(), y, 15)}
+
+    before = summary([[.8, .1, .1], [.1, .8, .1], [.1, .1, .8], [.6, .4, 0], [.2, .7, .1],
+                      [.3, .3, .4]])
+    mean = summary([[.7, .2, .1], [.2, .7, .1], [.1, .2, .7], [.5, .5, 0], [.3, .6, .1],
+                    [.2, .3, .5]])
+    after = summary([[.5, .5, 0], [.4, .5, .1], [.2, .2, .6], [.05, .95, 0], [.5, .4, .1],
+                     [.2, .2, .6]])
+    rows = {r["check"]: r for r in prediction_checks(after, mean, before)}
+    d = (after["log_density"] - mean["log_density"]).numpy()
+    assert rows["elpd"]["difference"] == pytest.approx(d.sum())
+    assert rows["elpd"]["se"] == pytest.approx(math.sqrt(6 * d.var()))
+    assert rows["nll"]["difference"] == pytest.approx(-d.sum() / 6)
+    assert rows["nll"]["se"] == pytest.approx(math.sqrt(6 * d.var()) / 6)
+    assert (rows["elpd"]["quantized"], rows["elpd"]["mean_network"], rows["elpd"]["posterior"]) \
+        == (after["elpd"], mean["elpd"], before["elpd"])
+    # top classes: before 0,1,2,0,1,2; after 0,1,2,1,0,2 (4 of 6); mean all 6
+    agree = np.array([1, 1, 1, 0, 0, 1.0]) - 1
+    assert rows["agreement"]["quantized"] == pytest.approx(4 / 6)
+    assert rows["agreement"]["difference"] == pytest.approx(agree.mean())
+    assert rows["agreement"]["se"] == pytest.approx(math.sqrt(agree.var() / 6))
+    assert rows["agreement"]["posterior"] == 1.0
+
+    def kl(p, q):  # 0 log 0 = 0; a q of 0 where p > 0 counts as 1e-12
+        return sum(pi * (math.log(pi) - math.log(max(qi, 1e-12)))
+                   for pi, qi in zip(p, q, strict=True) if pi > 0)
+
+    p_bnn = before["probs"].double().tolist()
+    kl_q = np.array([kl(p, q) for p, q in zip(p_bnn, after["probs"].double().tolist(),
+                                              strict=True)])
+    kl_m = np.array([kl(p, q) for p, q in zip(p_bnn, mean["probs"].double().tolist(),
+                                              strict=True)])
+    assert rows["kl"]["quantized"] == pytest.approx(kl_q.mean(), rel=1e-6)
+    assert rows["kl"]["mean_network"] == pytest.approx(kl_m.mean(), rel=1e-6)
+    assert rows["kl"]["se"] == pytest.approx(math.sqrt((kl_q - kl_m).var() / 6), rel=1e-6)
+    assert rows["kl"]["posterior"] == 0.0
+    gen = torch.Generator().manual_seed(0)
+    diffs = []
+    for _ in range(200):
+        i = torch.randint(0, 6, (6,), generator=gen)
+        diffs.append(expected_calibration_error(after["probs"][i].double(), y[i], 15)
+                     - expected_calibration_error(mean["probs"][i].double(), y[i], 15))
+    assert rows["ece"]["difference"] == pytest.approx(after["ece"] - mean["ece"])
+    assert rows["ece"]["se"] == pytest.approx(float(np.std(diffs)))
+    for r in rows.values():  # worse = the difference in the bad direction
+        worse = {"elpd": -r["difference"], "nll": r["difference"],
+                 "agreement": -r["difference"]}.get(r["check"], r["difference"])
+        floor = {"elpd": 4.0, "nll": 4.0 / 6, "agreement": 0.01}.get(r["check"], 0.01)
+        assert r["flagged"] == (worse > max(SE_FACTOR * r["se"], floor)), r["check"]
+    other = {r["check"]: r for r in prediction_checks(after, mean, before, seed=1,
+                                                      num_bins=10)}
+    assert other["ece"]["se"] != rows["ece"]["se"]
