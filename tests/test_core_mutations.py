@@ -1872,29 +1872,29 @@ def test_prediction_checks_by_hand():
     assert rows["kl"]["mean_network"] == pytest.approx(kl_m.mean(), rel=1e-6)
     assert rows["kl"]["se"] == pytest.approx(math.sqrt((kl_q - kl_m).var() / 6), rel=1e-6)
     assert rows["kl"]["posterior"] == 0.0
-    def bootstrap_se(seed, bins):
+    def bootstrap_se(after, mean, seed, bins):
+        y, n = after["labels"], len(after["labels"])
         gen = torch.Generator().manual_seed(seed)
         diffs = []
         for _ in range(200):
-            i = torch.randint(0, 6, (6,), generator=gen)
+            i = torch.randint(0, n, (n,), generator=gen)
             diffs.append(expected_calibration_error(after["probs"][i].double(), y[i], bins)
                          - expected_calibration_error(mean["probs"][i].double(), y[i], bins))
         return float(np.std(diffs))
 
     assert rows["ece"]["difference"] == pytest.approx(after["ece"] - mean["ece"])
-    assert rows["ece"]["se"] == pytest.approx(bootstrap_se(0, 15))
+    assert rows["ece"]["se"] == pytest.approx(bootstrap_se(after, mean, 0, 15))
     for r in rows.values():  # worse = the difference in the bad direction
         worse = {"elpd": -r["difference"], "nll": r["difference"],
                  "agreement": -r["difference"]}.get(r["check"], r["difference"])
         floor = {"elpd": 4.0, "nll": 4.0 / 6, "agreement": 0.01}.get(r["check"], 0.01)
         assert r["flagged"] == (worse > max(SE_FACTOR * r["se"], floor)), r["check"]
-    other = {r["check"]: r for r in prediction_checks(after, mean, before, seed=1,
-                                                      num_bins=3)}
-    assert other["ece"]["se"] == pytest.approx(bootstrap_se(1, 3))
-    # the defaults, 15 bins and seed 0, on 60 random examples (where 16 bins differ)
+    # 60 random examples: another seed and bins, and the defaults (15 bins, seed 0)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (60,), generator=gen)
     many = [summary(torch.rand(60, 3, generator=gen).softmax(-1).tolist()) for _ in range(3)]
+    other = prediction_checks(*many, seed=1, num_bins=3)[-1]
+    assert other["se"] == pytest.approx(bootstrap_se(many[0], many[1], 1, 3))
     default = prediction_checks(*many)
     assert default == prediction_checks(*many, num_bins=15, seed=0)
     assert default != prediction_checks(*many, num_bins=16, seed=0)
