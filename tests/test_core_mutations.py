@@ -43,6 +43,7 @@ from pqnet.diagnostics.metrics import classification_metrics, entropy, expected_
 from pqnet.quantize import QuantizedLayer, QuantizedNet
 from pqnet.quantize.budget import layer_posteriors, meet_budget, one_of
 from tests.test_compression import linear_posterior
+from tests.test_quantize import make_posterior
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -1073,8 +1074,6 @@ def test_bayesian_compression_width_is_the_mean_precision_rounded_up_and_its_bud
     ``max|mu| = 2`` and ``sigma = 1/3`` that is ``ceil(log2 7) = 3`` bits at ``s = 1``; a
     2-bit budget needs ``6 / s <= 3``, so the smallest common scale is ``s = 2``."""
     from pqnet.quantize.bayesian_compression import bayesian_compression
-    from tests.test_quantize import make_posterior
-
     module = nn.Linear(4, 3)
     with torch.no_grad():
         module.weight.copy_(torch.linspace(-2.0, 1.0, 12).reshape(3, 4))
@@ -1358,8 +1357,6 @@ def test_regression_evaluate_by_hand_two_outputs_default_noise_and_named_errors(
     the outputs of an example; bad inputs are named after the argument."""
     from torch.func import functional_call
 
-    from tests.test_quantize import make_posterior
-
     module = nn.Sequential(nn.Linear(3, 2))
     made = make_posterior(module)
     posterior = pqnet.Posterior(made.loc, made.scale, made.layers, made.module,
@@ -1383,8 +1380,6 @@ def test_regression_evaluate_by_hand_two_outputs_default_noise_and_named_errors(
 def test_posterior_predictive_draws_of_a_regression_posterior_are_its_outputs():
     """The Pyro model rebuilt for ``return_draws`` keeps the posterior's Normal likelihood:
     its draws are outputs, not probabilities, and average to the predictive mean."""
-    from tests.test_quantize import make_posterior
-
     made = make_posterior(nn.Sequential(nn.Linear(3, 2)))
     posterior = pqnet.Posterior(made.loc, made.scale, made.layers, made.module,
                                 {"kind": "normal", "noise": 0.5})
@@ -1424,8 +1419,6 @@ def _one_sure_layer():
     """A linear classifier of 16 examples whose posterior is all but a point: every width's
     log-likelihood is exact, and the whole data is one batch."""
     from pqnet.quantize.grids import grid_layer
-    from tests.test_quantize import make_posterior
-
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
     module = nn.Linear(6, 3)
@@ -1487,8 +1480,6 @@ def test_random_bits_records_its_defaults_and_names_bad_arguments():
     with pytest.raises(ValueError, match="^data: "):  # inputs of 7 features for a Linear(6, 3)
         random_bits(posterior, data=TensorDataset(torch.randn(4, 7), torch.zeros(4).long()))
     # the modes of the caller's module, submodules included, are left alone
-    from tests.test_quantize import make_posterior
-
     training = make_posterior(nn.Sequential(nn.Linear(6, 3)).train())
     random_bits(training, data=data, steps=1)
     assert all(m.training for m in training.module.modules())
@@ -1543,8 +1534,6 @@ def test_random_bits_sixty_svi_steps_on_two_layers_by_hand():
     row's largest) to lose digits to their own size."""
     from pqnet.quantize.grids import grid_layer
     from pqnet.quantize.random_bits import random_bits
-    from tests.test_quantize import make_posterior
-
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(24, 5, generator=gen), torch.randint(0, 3, (24,), generator=gen)
     with torch.random.fork_rng():
@@ -1576,8 +1565,6 @@ def test_the_short_reprs_word_for_word():
     known; a random bias is said; columns are aligned and lines carry no trailing blanks."""
     import dataclasses
 
-    from tests.test_quantize import make_posterior
-
     root = make_posterior(nn.Linear(3, 2), {"weight": torch.full((2, 3), 0.1)})
     text = ("Posterior(1 random layers, 6 random weights, likelihood='categorical')\n"
             "  (root)  Linear  2x3  6 random  mean sigma 0.1")
@@ -1596,8 +1583,6 @@ def test_posterior_sample_with_a_seed_is_a_draw_and_needs_no_seed():
     """``sample(1, seed)`` is :meth:`Posterior.draw` from a generator seeded with ``seed``
     (the same normals, layer by layer); without a seed it draws from torch's global
     generator."""
-    from tests.test_quantize import make_posterior
-
     posterior = make_posterior(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
     one = posterior.sample(1, seed=5)
     drawn = posterior.draw(torch.Generator().manual_seed(5))
@@ -1647,8 +1632,6 @@ def test_bnn_kl_of_given_means_and_variances():
 
 
 def test_a_posterior_saved_and_loaded_is_the_same_and_a_foreign_file_is_named(tmp_path):
-    from tests.test_quantize import make_posterior
-
     posterior = make_posterior(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     posterior.history.append({"epoch": 1, "loss": 2.5})
     posterior.config.update({"epochs": 1, "kl_weight": 0.1})
@@ -1778,8 +1761,6 @@ def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
     position), its defaults (32 draws, seed 0, 15 bins), a data set of one example, and the
     argument named in each error."""
     from pqnet.diagnostics.analysis import predictive_summary
-    from tests.test_quantize import make_posterior
-
     torch.manual_seed(0)
     posterior = make_posterior(nn.Linear(4, 3))
     gen = torch.Generator().manual_seed(0)
@@ -1826,7 +1807,6 @@ def test_prediction_checks_by_hand():
     paired standard error; the KL per example with a zero probability on either side; the
     ECE's standard error by the paired bootstrap of 200 resamples from the seed."""
     from pqnet.diagnostics.analysis import SE_FACTOR, prediction_checks
-    from pqnet.diagnostics.metrics import expected_calibration_error
 
     y = torch.tensor([0, 1, 2, 0, 1, 2])
 

@@ -61,9 +61,8 @@ from .uniform import uniform
 
 __all__ = ["METHODS", "QuantizedLayer", "QuantizedNet", "bayesian_compression",
            "bayesian_prune", "budget_keywords", "deep_compression", "finetune", "kmeans",
-           "magnitude_prune", "pwfn",
-           "quantile_inform", "quantize", "random_bits", "sigma_bits", "sigma_code", "uniform",
-           "weight_name"]
+           "magnitude_prune", "pwfn", "quantile_inform", "quantize", "random_bits",
+           "sigma_bits", "sigma_code", "uniform", "weight_name"]
 
 Quantizer = Callable[..., QuantizedNet]
 RETRAINED = ("deep-compression", "pwfn")  # methods that train their own weights
