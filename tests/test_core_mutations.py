@@ -1489,12 +1489,14 @@ def test_random_bits_records_its_defaults_and_names_bad_arguments():
 
 
 def _random_bits_by_hand(posterior, data, budget: float, steps: int, seed: int = 0,
-                         forgetting: float = 0.7, dual_lr: float = 0.5):
-    """Random Bits' SVI for a posterior that is all but a point and one batch of all the
-    data, written out: each step draws the other layers' widths from q, scores every width
-    of every layer exactly, mixes the estimate in at rho_t, then moves lambda. The generator
-    is consumed in the method's order (the batch order, each layer's posterior draw, the
-    widths), so the widths drawn are the method's."""
+                         forgetting: float = 0.7, dual_lr: float = 0.5,
+                         batch_size: int | None = None):
+    """Random Bits' SVI for a posterior that is all but a point, written out: each step
+    takes the next minibatch (epochs of ``batch_size``, all the data by default; the last
+    epoch stops at ``steps``), draws the other layers' widths from q, scores every width of
+    every layer with the minibatch's log-likelihood scaled by N / B, mixes the estimate in at
+    rho_t, then moves lambda. The generator is consumed in the method's order (the batch
+    order, each layer's posterior draw, the widths), so the widths drawn are the method's."""
     from torch.func import functional_call
 
     from pqnet.inference.batching import batches
@@ -1510,8 +1512,9 @@ def _random_bits_by_hand(posterior, data, budget: float, steps: int, seed: int =
     cost = n * sizes[:, None] / sizes.sum() * widths
     logits, penalty = torch.zeros(len(layers), 8, dtype=torch.float64), 0.0
     gen = torch.Generator().manual_seed(seed)
-    for t in range(steps):
-        x, y = next(batches(data, n, generator=gen))
+    epochs = itertools.chain.from_iterable(
+        batches(data, batch_size or n, generator=gen) for _ in itertools.count())
+    for t, (x, y) in zip(range(steps), epochs):
         for _, mu, _ in layers:
             torch.randn(mu.shape, generator=gen)  # the posterior draw: w = mu here
         drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1).tolist()
@@ -1521,7 +1524,8 @@ def _random_bits_by_hand(posterior, data, budget: float, steps: int, seed: int =
                  for j, (p, _, _) in enumerate(layers)}
             with torch.no_grad():
                 f = functional_call(posterior.module, w, (x,), strict=False)
-            log_lik[i, b] = -n * torch.nn.functional.cross_entropy(f, y).double()
+            log_lik[i, b] = -n / len(y) * torch.nn.functional.cross_entropy(
+                f, y, reduction="sum").double()
         rho = (t + 1) ** -forgetting
         logits = (1 - rho) * logits + rho * (log_lik - penalty * cost)
         expected = float((logits.softmax(-1) @ widths) @ sizes / sizes.sum())
@@ -1555,6 +1559,30 @@ def test_random_bits_sixty_svi_steps_on_two_layers_by_hand():
         width = int(got.layer_bits[path])
         assert torch.equal(got.weights()[f"{path}.weight"],
                            grid_layer(mu, width, sigma=sigma).values())
+
+
+def test_random_bits_on_minibatches_by_hand():
+    """Batches of 10 of 24 examples (10, 10, 4): seven steps are two epochs and the first
+    batch of a third, each batch's log-likelihood scaled by N / B, and the run stops there."""
+    from pqnet.quantize.random_bits import random_bits
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(24, 5, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        module = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    posterior = make_posterior(module, {"0.weight": torch.full((6, 5), 1e-9),
+                                        "2.weight": torch.full((3, 6), 1e-9)})
+    data = TensorDataset(x, y)
+    for steps in (3, 7):
+        q, expected, penalty = _random_bits_by_hand(posterior, data, budget=2.0, steps=steps,
+                                                    seed=4, batch_size=10)
+        got = random_bits(posterior, data=data, avg_bits=2.0, steps=steps, batch_size=10,
+                          seed=4)
+        for i, path in enumerate(("0", "2")):
+            assert got.config["bit_probabilities"][path] == pytest.approx(q[i].tolist(),
+                                                                          abs=2e-6)
+        assert got.config["final"] == pytest.approx({"penalty": penalty,
+                                                     "expected_avg_bits": expected}, rel=1e-4)
 
 
 # --------------------------------------------------------------------------- reprs
