@@ -30,12 +30,14 @@ from pqnet import _checks
 from pqnet._io import atomic_write, load_json, load_torch, save_json, save_torch
 from pqnet.bnn import LayerInfo
 from pqnet.diagnostics.analysis import (
+    DiagnosticWarning,
     analyze,
     bits_sigma_correlation,
     entropy_auroc,
     hdi_coverage,
     layer_table,
     predictive_divergence,
+    prior_movement,
     reliability,
     z_scores,
 )
@@ -1782,6 +1784,66 @@ def test_uninformed_layers_are_named_in_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _warn_uninformed(rows[:1]) == []  # all informed: nothing to say
+
+
+def test_failed_checks_are_named_in_one_warning_at_analyzes_caller():
+    import inspect
+
+    from pqnet.diagnostics.analysis import DiagnosticWarning, _warn_flagged
+
+    qnet, _ = hand_qnet()
+    checks = [{"check": "nll", "quantized": 1.23456, "mean_network": 1.1, "difference": 0.13456,
+               "se": 0.0512, "flagged": True},
+              {"check": "agreement", "quantized": 0.9, "mean_network": 0.95,
+               "difference": -0.05, "se": 0.2, "flagged": False},
+              {"check": "ece", "quantized": 0.25, "mean_network": 0.05, "difference": 0.2,
+               "se": 0.031, "flagged": True}]
+
+    def analyze_like():  # analyze calls it: the warning points at analyze's caller
+        _warn_flagged(checks, qnet)
+
+    with pytest.warns(DiagnosticWarning) as caught:
+        line = inspect.currentframe().f_lineno + 1
+        analyze_like()
+    assert len(caught) == 1 and caught[0].category is DiagnosticWarning
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames
+        assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+    assert str(caught[0].message) == (
+        f"the quantized net (hand, {qnet.avg_bits:.2f} avg bits) fails predictive checks: "
+        "nll 1.235 against the mean network's 1.1 (difference +0.1346 +- 0.051 se); "
+        "ece 0.25 against the mean network's 0.05 (difference +0.2 +- 0.031 se)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_flagged([{**c, "flagged": False} for c in checks], qnet)  # none failed
+
+
+def test_analyze_defaults_and_a_given_prior_reach_every_part():
+    """By default 32 posterior draws from seed 0 and 15 bins; a prior passed to analyze is
+    the one every per-layer figure uses, and the result says it was given."""
+    from pqnet.diagnostics.analysis import predictive_summary
+    torch.manual_seed(0)
+    posterior = make_posterior(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    qnet = pqnet.quantize(posterior, "uniform", bits=2)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,),
+                                                                           generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        out = analyze(posterior, qnet, data)
+        given = analyze(posterior, qnet, data, prior=0.25, num_samples=2)
+    before = predictive_summary(posterior, data, num_samples=32, seed=0, num_bins=15)
+    assert torch.equal(out["before"]["probs"], before["probs"])
+    assert out["after"]["ece"] == predictive_summary(qnet, data, num_bins=15)["ece"]
+    assert out["after"]["ece"] != predictive_summary(qnet, data, num_bins=16)["ece"]
+    assert out["prior"] == ("FanInPrior(gain=1.4142135623730951) (assumed: the posterior "
+                            "records none (pqnet.bayesian's default))")
+    assert given["prior"] == "NormalPrior(scale=0.25) (given)"
+    expected = prior_movement(posterior, 0.25)
+    assert [r["kl_per_weight"] for r in given["prior_movement"]] \
+        == [r["kl_per_weight"] for r in expected] \
+        == [r["kl_per_weight"] for r in given["layers"]]
+    assert [r["kl_per_weight"] for r in expected] != [r["kl_per_weight"]
+                                                      for r in out["prior_movement"]]
 
 
 def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
