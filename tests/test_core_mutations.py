@@ -1846,6 +1846,61 @@ def test_analyze_defaults_and_a_given_prior_reach_every_part():
                                                       for r in out["prior_movement"]]
 
 
+def _same_summary(a: dict, b: dict) -> bool:
+    """Two predictive summaries equal entry by entry (tensors exactly)."""
+    def same(u, v):
+        if isinstance(u, torch.Tensor):
+            return isinstance(v, torch.Tensor) and torch.equal(u, v)
+        if isinstance(u, dict):
+            return isinstance(v, dict) and u.keys() == v.keys() and all(
+                same(u[k], v[k]) for k in u)
+        if isinstance(u, list):
+            return isinstance(v, list) and len(u) == len(v) and all(map(same, u, v))
+        return u == v or (u != u and v != v)  # nan equals nan here
+    return same(a, b)
+
+
+def test_analyze_is_its_parts_with_its_arguments_passed_on():
+    """analyze's predictive parts are predictive_summary of the posterior (``num_samples``
+    draws from ``seed``), of the mean network and of the quantized net, all with ``ood`` and
+    ``num_bins``, and prediction_checks of the three from ``seed``; summaries passed as
+    ``reference`` / ``mean_reference`` are used as they are."""
+    from pqnet.diagnostics.analysis import prediction_checks, predictive_summary
+    torch.manual_seed(1)
+    posterior = make_posterior(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    qnet = pqnet.quantize(posterior, "uniform", bits=2)
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(150, 4, generator=gen), torch.randint(0, 3, (150,),
+                                                                           generator=gen))
+    ood = 3 * torch.randn(40, 4, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        out = analyze(posterior, qnet, data, ood=ood, seed=5, num_samples=3, num_bins=7)
+    before = predictive_summary(posterior, data, ood=ood, num_samples=3, seed=5, num_bins=7)
+    mean = predictive_summary(posterior.mean_module(), data, ood=ood, num_bins=7)
+    after = predictive_summary(qnet, data, ood=ood, num_bins=7)
+    assert _same_summary(out["before"], before) and _same_summary(out["mean"], mean)
+    assert _same_summary(out["after"], after) and mean["ood_auroc"] is not None
+    checks = prediction_checks(after, mean, before, num_bins=7, seed=5)
+    assert _same_summary(out["checks"], checks)
+    assert out["flagged"] == [c["check"] for c in checks if c["flagged"]]
+    assert out["ok"] is (not out["flagged"])
+    movement = prior_movement(posterior)
+    assert _same_summary(out["prior_movement"], movement)
+    assert out["uninformed_layers"] == [r["layer"] for r in movement if not r["informed"]]
+    assert set(out) == {"checks", "flagged", "ok", "prior_movement", "uninformed_layers",
+                        "prior", "hdi_prob", "layers", "hdi_coverage", "z_abs_mean",
+                        "bits_sigma_spearman", "before", "mean", "after", "agreement", "kl"}
+    other = predictive_summary(posterior, data, ood=ood, num_samples=2, seed=9, num_bins=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        reused = analyze(posterior, qnet, data, ood=ood, seed=5, num_bins=7,
+                         reference=other, mean_reference=before)
+    assert reused["before"] is other and reused["mean"] is before
+    assert _same_summary(reused["checks"], prediction_checks(after, before, other, num_bins=7,
+                                                             seed=5))
+
+
 def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
     """Per-example outputs in the data's order (the paired checks pair two summaries by
     position), its defaults (32 draws, seed 0, 15 bins), a data set of one example, and the
