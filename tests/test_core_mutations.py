@@ -1868,14 +1868,15 @@ def test_analyze_is_its_parts_with_its_arguments_passed_on():
     from pqnet.diagnostics.analysis import prediction_checks, predictive_summary
     torch.manual_seed(1)
     posterior = make_posterior(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
-    qnet = pqnet.quantize(posterior, "uniform", bits=2)
+    qnet = pqnet.quantize(posterior, "sigma-bits", avg_bits=3.0)  # widths vary
     gen = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(150, 4, generator=gen), torch.randint(0, 3, (150,),
                                                                            generator=gen))
     ood = 3 * torch.randn(40, 4, generator=gen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
-        out = analyze(posterior, qnet, data, ood=ood, seed=5, num_samples=3, num_bins=7)
+        out = analyze(posterior, qnet, data, ood=ood, seed=5, num_samples=3, num_bins=7,
+                      prob=0.8)
     before = predictive_summary(posterior, data, ood=ood, num_samples=3, seed=5, num_bins=7)
     mean = predictive_summary(posterior.mean_module(), data, ood=ood, num_bins=7)
     after = predictive_summary(qnet, data, ood=ood, num_bins=7)
@@ -1887,6 +1888,13 @@ def test_analyze_is_its_parts_with_its_arguments_passed_on():
     assert out["ok"] is (not out["flagged"])
     movement = prior_movement(posterior)
     assert _same_summary(out["prior_movement"], movement)
+    layers = layer_table(posterior, qnet, 0.8)
+    assert out["hdi_prob"] == 0.8 and _same_summary(out["layers"], layers)
+    assert out["hdi_coverage"] == pytest.approx(
+        sum(r["hdi_coverage"] * r["weights"] for r in layers) / (6 * 4 + 3 * 6), rel=1e-12)
+    assert out["bits_sigma_spearman"] == bits_sigma_correlation(posterior, qnet) < 0
+    assert {k: out[k] for k in ("agreement", "kl")} == predictive_divergence(before["probs"],
+                                                                              after["probs"])
     assert out["uninformed_layers"] == [r["layer"] for r in movement if not r["informed"]]
     assert set(out) == {"checks", "flagged", "ok", "prior_movement", "uninformed_layers",
                         "prior", "hdi_prob", "layers", "hdi_coverage", "z_abs_mean",
