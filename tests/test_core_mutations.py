@@ -413,6 +413,41 @@ def test_layer_table_and_analyze_weight_the_layers_by_their_number_of_weights():
     assert out["before"]["probs"].shape == (8, 6)
 
 
+def test_prior_movement_by_hand():
+    """Per layer: the prior's sd for its fan-in, the median sigma / s, the mean KL per weight
+    ``log(s / sigma) + (sigma^2 + mu^2) / (2 s^2) - 1/2`` in float64, and ``informed`` at
+    sd ratio <= 0.9; an anchored prior's KL is nan; a given prior wins over the default."""
+    from pqnet.bnn.priors import FanInPrior, PWFNPrior
+    base = two_layer_posterior()  # sigma 1 in layer 0 (fan-in 5), 2 in layer 1 (fan-in 2)
+    loc = {"0.weight": torch.zeros(2, 5), "1.weight": torch.full((6, 2), 0.25)}
+    scale = {"0.weight": torch.full((2, 5), 0.5), "1.weight": base.scale["1.weight"]}
+    post = pqnet.Posterior(loc, scale, base.layers, base.module)
+
+    def row(path, kind, n, mu, sigma, s):
+        kl = math.log(s / sigma) + (sigma ** 2 + mu ** 2) / (2 * s ** 2) - 0.5
+        return {"layer": path, "kind": kind, "weights": n, "prior_sd": s,
+                "sd_ratio": sigma / s, "kl_per_weight": kl, "informed": sigma / s <= 0.9}
+
+    s0, s1 = math.sqrt(2 / 5), math.sqrt(2 / 2)  # the fan-in prior's default gain sqrt(2)
+    for prior in (None, "fan-in", FanInPrior()):
+        got = prior_movement(post, prior)
+        want = [row("0", "Linear", 10, 0.0, 0.5, s0), row("1", "Linear", 12, 0.25, 2.0, s1)]
+        assert got[0].keys() == want[0].keys()
+        for g, w in zip(got, want, strict=True):
+            assert g == {**w, "sd_ratio": pytest.approx(w["sd_ratio"], rel=1e-7),
+                         "kl_per_weight": pytest.approx(w["kl_per_weight"], rel=1e-12)}
+    assert [r["informed"] for r in got] == [True, False]
+    given = prior_movement(post, 0.5)  # a Normal of scale 0.5 for every layer
+    assert [r["prior_sd"] for r in given] == [0.5, 0.5]
+    assert [r["sd_ratio"] for r in given] == [1.0, 4.0]
+    assert [r["informed"] for r in given] == [False, False]
+    assert given[1]["kl_per_weight"] == pytest.approx(
+        math.log(0.25) + (4 + 0.0625) / 0.5 - 0.5, rel=1e-12)
+    anchored = prior_movement(post, PWFNPrior(0.05))
+    assert all(math.isnan(r["kl_per_weight"]) for r in anchored)
+    assert [r["sd_ratio"] for r in anchored] == [10.0, 40.0]
+
+
 def test_bits_sigma_correlation_by_hand():
     qnet, post = hand_qnet()
     # layer 0: 8 bits at relative sigma 1 / max|mu| -> 1 / 1e-12 (mu = 0): larger sigma ...
