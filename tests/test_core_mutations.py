@@ -443,9 +443,35 @@ def test_prior_movement_by_hand():
     assert [r["informed"] for r in given] == [False, False]
     assert given[1]["kl_per_weight"] == pytest.approx(
         math.log(0.25) + (4 + 0.0625) / 0.5 - 0.5, rel=1e-12)
+    edge = pqnet.Posterior(loc, {"0.weight": torch.full((2, 5), 0.5625),  # 0.9 of 0.625
+                                 "1.weight": torch.full((6, 2), 0.625)}, base.layers, base.module)
+    assert [(r["sd_ratio"], r["informed"]) for r in prior_movement(edge, 0.625)] \
+        == [(0.9, True), (1.0, False)]
     anchored = prior_movement(post, PWFNPrior(0.05))
     assert all(math.isnan(r["kl_per_weight"]) for r in anchored)
     assert [r["sd_ratio"] for r in anchored] == [10.0, 40.0]
+
+
+def test_layer_table_passes_its_prior_and_probability_on():
+    """The HDI probability reaches the coverage (|z| = 2.5 is outside the 95 % HDI, inside
+    the 99.5 %); a given prior reaches the prior columns; snr is the median |mu| / sigma; a
+    quantized layer the posterior does not describe gets empty prior columns, not an error."""
+    qnet, base = hand_qnet()
+    loc = {"0.weight": torch.zeros(2, 5), "1.weight": torch.full((6, 2), 3.0)}
+    post = pqnet.Posterior(loc, base.scale, base.layers, base.module)
+    assert [r["hdi_coverage"] for r in layer_table(base, qnet, 0.995)] == [1.0, 1.0]
+    rows = layer_table(post, qnet, prior=0.5)
+    assert [r["snr"] for r in rows] == [0.0, 1.5]
+    movement = prior_movement(post, 0.5)
+    for row, moved in zip(rows, movement, strict=True):
+        assert {k: row[k] for k in ("sd_ratio", "kl_per_weight", "informed")} \
+            == {k: moved[k] for k in ("sd_ratio", "kl_per_weight", "informed")}
+    assert [r["sd_ratio"] for r in rows] == [2.0, 4.0]
+    partial = pqnet.Posterior(loc, base.scale, {"0": base.layers["0"]}, base.module)
+    rows = layer_table(partial, qnet)
+    assert rows[0]["kind"] == "Linear" and rows[0]["sd_ratio"] == 1 / math.sqrt(2 / 5)
+    assert rows[1]["kind"] == "" and rows[1]["informed"] is None
+    assert math.isnan(rows[1]["sd_ratio"]) and math.isnan(rows[1]["kl_per_weight"])
 
 
 def test_bits_sigma_correlation_by_hand():
