@@ -452,6 +452,30 @@ def test_prior_movement_by_hand():
     assert [r["sd_ratio"] for r in anchored] == [10.0, 40.0]
 
 
+def test_recorded_prior_reads_the_fits_record_or_says_it_assumed():
+    from pqnet.bnn.priors import FanInPrior, NormalPrior, PWFNPrior
+    from pqnet.diagnostics.analysis import recorded_prior
+    base = two_layer_posterior()
+
+    def recorded(text):
+        return pqnet.Posterior(base.loc, base.scale, base.layers, base.module,
+                               config={"prior": text})
+
+    assumed = "assumed: the posterior records none (pqnet.bayesian's default)"
+    assert recorded_prior(base) == (FanInPrior(), assumed)
+    for text, prior in (("NormalPrior(scale=0.3)", NormalPrior(0.3)),
+                        ("FanInPrior(gain=2.5)", FanInPrior(2.5)),
+                        ("PWFNPrior(scale=0.05)", PWFNPrior(0.05)),
+                        (repr(FanInPrior()), FanInPrior())):
+        got, source = recorded_prior(recorded(text))
+        assert (got, type(got), source) == (prior, type(prior), "recorded by the fit")
+        assert recorded_prior(recorded(text), 0.7) == (NormalPrior(0.7), "given")
+    for text in ("NormalPrior(scale=0.3) ", "xNormalPrior(scale=0.3)", "Normal(scale=0.3)",
+                 "NormalPrior(scale=0.3, loc=1)", "", None):
+        assert recorded_prior(recorded(text)) == (FanInPrior(), assumed)
+    assert recorded_prior(base, "normal") == (NormalPrior(), "given")
+
+
 def test_layer_table_passes_its_prior_and_probability_on():
     """The HDI probability reaches the coverage (|z| = 2.5 is outside the 95 % HDI, inside
     the 99.5 %); a given prior reaches the prior columns; snr is the median |mu| / sigma; a
