@@ -372,8 +372,9 @@ def test_z_scores_and_hdi_coverage_by_hand():
     cov = hdi_coverage(post, w)
     assert cov == {"0.weight": 0.6, "1.weight": 1.0}  # |z| <= 1.959964
     assert hdi_coverage(post, w, prob=0.5) == {"0.weight": 0.2, "1.weight": 0.0}  # z* = 0.674
-    with pytest.raises(ValueError, match="prob: expected a probability in"):
-        hdi_coverage(post, w, prob=1.0)
+    for bad in (1.0, 0.0, 0, True, "0.9", None, float("nan")):
+        with pytest.raises(ValueError, match="^prob: expected a probability in"):
+            hdi_coverage(post, w, prob=bad)
     with pytest.raises(ValueError, match="'2.weight' is not a random parameter"):
         z_scores(post, {"2.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="0.weight has shape"):
@@ -529,6 +530,12 @@ def test_reliability_divergence_and_auroc_by_hand():
     d = predictive_divergence(p, q)
     assert d["agreement"] == 0.5  # argmax of (.5, .5) is 0, of (.25, .75) is 1
     assert d["kl"] == pytest.approx((0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)) / 2)
+    p3 = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]])
+    q3 = torch.tensor([[0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.1, 0.2, 0.7], [0.5, 0.3, 0.2]])
+    kl3 = [sum(a * math.log(a / b) for a, b in zip(pr, qr, strict=True))
+           for pr, qr in zip(p3.double().tolist(), q3.double().tolist(), strict=True)]
+    assert predictive_divergence(p3, q3) == pytest.approx({"agreement": 1 / 4,  # 4 inputs
+                                                           "kl": sum(kl3) / 4}, rel=1e-12)
     confident, unsure = torch.tensor([[0.99, 0.01]]), torch.tensor([[0.5, 0.5]])
     assert entropy_auroc(confident.repeat(3, 1), unsure.repeat(2, 1)) == 1.0
     assert entropy_auroc(unsure.repeat(3, 1), confident.repeat(2, 1)) == 0.0
