@@ -372,6 +372,9 @@ def test_z_scores_and_hdi_coverage_by_hand():
     cov = hdi_coverage(post, w)
     assert cov == {"0.weight": 0.6, "1.weight": 1.0}  # |z| <= 1.959964
     assert hdi_coverage(post, w, prob=0.5) == {"0.weight": 0.2, "1.weight": 0.0}  # z* = 0.674
+    # z* = 1.0 exactly: the interval is closed, so z = 1 is inside
+    assert hdi_coverage(post, w, prob=math.erf(1 / math.sqrt(2))) == {"0.weight": 0.4,
+                                                                      "1.weight": 0.0}
     for bad in (1.0, 0.0, 0, True, "0.9", None, float("nan")):
         with pytest.raises(ValueError, match="^prob: expected a probability in"):
             hdi_coverage(post, w, prob=bad)
@@ -2021,6 +2024,14 @@ def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
     assert torch.allclose(seeded["probs"], pqnet.predict(posterior, x[:50], seed=3), atol=1e-6)
     one = predictive_summary(posterior, TensorDataset(x[:1], y[:1]))
     assert one["log_density"].shape == (1,)
+    logp = summary["probs"].double().log()  # log p(y_n | x_n), example by example
+    assert summary["log_density"].shape == (1500,)
+    assert torch.allclose(summary["log_density"], logp[torch.arange(1500), y], atol=1e-5)
+    for label in (-1, 3):  # three classes
+        bad = y.clone()
+        bad[7] = label
+        with pytest.raises(ValueError, match=r"^data: labels must lie in \[0, 3\)"):
+            predictive_summary(posterior, TensorDataset(x, bad), num_samples=2)
     with pytest.raises(ValueError, match="^data: the dataset is empty"):
         predictive_summary(posterior, TensorDataset(x[:0], y[:0]))
     with pytest.raises(TypeError, match="^data: expected a torch Dataset"):
