@@ -2027,6 +2027,10 @@ def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
     logp = summary["probs"].double().log()  # log p(y_n | x_n), example by example
     assert summary["log_density"].shape == (1500,)
     assert torch.allclose(summary["log_density"], logp[torch.arange(1500), y], atol=1e-5)
+    assert summary["nll"] == pytest.approx(-float(summary["log_density"].mean()), rel=1e-12)
+    assert summary["elpd"] == pytest.approx(float(summary["log_density"].sum()), rel=1e-12)
+    assert summary["nll"] > 0 and len(predictive_summary(  # bins passed on
+        posterior, TensorDataset(x, y), num_samples=2, num_bins=4)["reliability"]["count"]) == 4
     for label in (-1, 3):  # three classes
         bad = y.clone()
         bad[7] = label
