@@ -510,8 +510,18 @@ def test_bits_sigma_correlation_by_hand():
     post.loc["1.weight"] = torch.full((6, 2), 1.0)
     # relative sigma: layer 0 -> 1, layer 1 -> 2; bits 8 and 2: perfectly anti-monotone
     assert bits_sigma_correlation(post, qnet) == pytest.approx(-1.0)
+    # relative to the layer's range: sigma 1 of max |mu| 10 (8 bits) is surer than sigma
+    # 0.05 of max |mu| 0.1 (2 bits), though its sigma is larger
+    post.loc["0.weight"] = torch.full((2, 5), 10.0)
+    post.loc["1.weight"] = torch.full((6, 2), 0.1)
+    post.scale["1.weight"] = torch.full((6, 2), 0.05)
+    assert bits_sigma_correlation(post, qnet) == pytest.approx(-1.0)
     uniform = pqnet.quantize(post, "uniform", bits=4)
-    assert math.isnan(bits_sigma_correlation(post, uniform))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal widths: nan, without scipy's constant warning
+        assert math.isnan(bits_sigma_correlation(post, uniform))
+        one = make_posterior(nn.Linear(1, 1, bias=False))  # a network of one weight
+        assert math.isnan(bits_sigma_correlation(one, pqnet.quantize(one, "uniform", bits=2)))
 
 
 def test_reliability_divergence_and_auroc_by_hand():
@@ -2031,6 +2041,19 @@ def test_predictive_summary_keeps_the_data_order_defaults_and_names_bad_data():
     assert summary["elpd"] == pytest.approx(float(summary["log_density"].sum()), rel=1e-12)
     assert summary["nll"] > 0 and len(predictive_summary(  # bins passed on
         posterior, TensorDataset(x, y), num_samples=2, num_bins=4)["reliability"]["count"]) == 4
+    assert summary["ood_auroc"] is None  # no ood inputs
+    x_ood = 4 * torch.randn(30, 4, generator=gen)
+    with_ood = predictive_summary(posterior, TensorDataset(x[:60], y[:60]), ood=x_ood,
+                                  num_samples=3, seed=5)
+    assert with_ood["ood_auroc"] == entropy_auroc(  # the same draws for the ood inputs
+        pqnet.predict(posterior, x[:60], num_samples=3, seed=5),
+        pqnet.predict(posterior, x_ood, num_samples=3, seed=5))
+    with pytest.raises(ValueError, match=r"^ood: inputs of shape \(5,\) do not fit"):
+        predictive_summary(posterior, TensorDataset(x[:60], y[:60]), ood=torch.randn(8, 5))
+    with pytest.raises(ValueError, match="^ood: the dataset is empty"):
+        predictive_summary(posterior, TensorDataset(x[:60], y[:60]), ood=TensorDataset(x[:0]))
+    with pytest.raises(TypeError, match="^ood: expected a torch Dataset"):
+        predictive_summary(posterior, TensorDataset(x[:60], y[:60]), ood=x_ood.numpy())
     for label in (-1, 3):  # three classes
         bad = y.clone()
         bad[7] = label
