@@ -2152,6 +2152,16 @@ def test_prediction_checks_by_hand():
                  "agreement": -r["difference"]}.get(r["check"], r["difference"])
         floor = {"elpd": 4.0, "nll": 4.0 / 6, "agreement": 0.01}.get(r["check"], 0.01)
         assert r["flagged"] == (worse > max(SE_FACTOR * r["se"], floor)), r["check"]
+    assert rows["nll"]["posterior"] == before["nll"]
+    # the direction of each check: the true class at .9 against .05 on every example (a
+    # constant paired difference, se 0); the network that is worse is flagged, the better not
+    good = summary([[.9, .05, .05], [.05, .9, .05], [.05, .05, .9]] * 2)
+    bad = summary([[.05, .9, .05], [.05, .05, .9], [.9, .05, .05]] * 2)
+    worse = {r["check"]: r for r in prediction_checks(bad, good, good)}
+    better = {r["check"]: r for r in prediction_checks(good, bad, good)}
+    for check in ("elpd", "nll", "agreement"):  # nll: 2.9 nats an example, over 4 / 6
+        assert worse[check]["se"] < 1e-9 and worse[check]["flagged"], check
+        assert better[check]["se"] < 1e-9 and not better[check]["flagged"], check
     # 60 random examples: another seed and bins, and the defaults (15 bins, seed 0)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (60,), generator=gen)
