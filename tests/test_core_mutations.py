@@ -538,6 +538,12 @@ def test_reliability_divergence_and_auroc_by_hand():
     assert r["count"] == [0, 0, 1, 1, 2]
     assert r["accuracy"][2:] == [1.0, 0.0, 1.0]
     assert r["ece"] == pytest.approx((abs(1 - .55) + abs(0 - .65) + abs(2 - 1.75)) / 4)
+    # a confidence a rounding above 1 (exp of a log-probability of +1e-16) is in the top bin
+    over = torch.tensor([[1 + 2 ** -52, 0.0], [0.3, 0.7]], dtype=torch.float64)
+    r = reliability(over, torch.tensor([0, 0]), num_bins=4)
+    assert r["count"] == [0, 0, 1, 1] and r["accuracy"][2:] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="^num_bins: "):
+        reliability(probs, labels, num_bins=0)
     p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
     q = torch.tensor([[0.25, 0.75], [0.9, 0.1]])
     d = predictive_divergence(p, q)
@@ -2153,6 +2159,7 @@ def test_prediction_checks_by_hand():
         floor = {"elpd": 4.0, "nll": 4.0 / 6, "agreement": 0.01}.get(r["check"], 0.01)
         assert r["flagged"] == (worse > max(SE_FACTOR * r["se"], floor)), r["check"]
     assert rows["nll"]["posterior"] == before["nll"]
+    assert rows["ece"]["posterior"] == before["ece"]
     # the direction of each check: the true class at .9 against .05 on every example (a
     # constant paired difference, se 0); the network that is worse is flagged, the better not
     good = summary([[.9, .05, .05], [.05, .9, .05], [.05, .05, .9]] * 2)
