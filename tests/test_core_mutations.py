@@ -542,6 +542,9 @@ def test_reliability_divergence_and_auroc_by_hand():
     over = torch.tensor([[1 + 2 ** -52, 0.0], [0.3, 0.7]], dtype=torch.float64)
     r = reliability(over, torch.tensor([0, 0]), num_bins=4)
     assert r["count"] == [0, 0, 1, 1] and r["accuracy"][2:] == [0.0, 1.0]
+    assert r["confidence"][2:] == [0.7, 1 + 2 ** -52]  # bins of one example have a mean
+    # the least confident possible, 1 / C, lands in the first bin (0, 1/M] when C = M
+    assert reliability(torch.full((1, 4), 0.25), torch.tensor([2]), 4)["count"] == [1, 0, 0, 0]
     with pytest.raises(ValueError, match="^num_bins: "):
         reliability(probs, labels, num_bins=0)
     p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
