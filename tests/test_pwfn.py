@@ -226,6 +226,84 @@ def test_vit_tiny_weights_are_fixed_too():
     assert qnet.config["rounds"][-1]["fixed"] == 1.0
 
 
+def test_the_retrained_bnn_starts_at_the_posterior_under_pwfns_prior():
+    """Retraining starts from the posterior (means, scales, random biases, the likelihood
+    and its noise) under PWFN's prior, anchored at the means with scale ``sigma_cap``."""
+    from pqnet.bnn import PWFNPrior
+    from pqnet.quantize.pwfn import _bnn_from
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    posterior = pqnet.Posterior.from_bnn(pqnet.bayesian(module, likelihood="normal",
+                                                        noise=0.3, init_scale=0.02))
+    bnn = _bnn_from(posterior, 0.07)
+    assert bnn.prior == PWFNPrior(0.07)
+    start = pqnet.Posterior.from_bnn(bnn)
+    assert start.likelihood == posterior.likelihood
+    assert start.likelihood["noise"] == pytest.approx(0.3)
+    assert start.loc.keys() == posterior.loc.keys() == {"0.weight", "0.bias", "2.weight",
+                                                        "2.bias"}
+    for name in posterior.loc:
+        assert torch.equal(start.loc[name], posterior.loc[name])
+        assert torch.allclose(start.scale[name], posterior.scale[name], rtol=1e-5)
+    unrecorded = pqnet.Posterior(posterior.loc, posterior.scale, posterior.layers, module, {})
+    categorical = pqnet.Posterior.from_bnn(_bnn_from(unrecorded, 0.07))  # no record
+    assert categorical.likelihood == {"kind": "categorical"}
+    fixed_bias = pqnet.Posterior.from_bnn(pqnet.bayesian(module, bias=False))
+    assert set(pqnet.Posterior.from_bnn(_bnn_from(fixed_bias, 0.07)).loc) \
+        == {"0.weight", "2.weight"}  # biases that were not random stay so
+    fixed_noise = pqnet.Posterior(posterior.loc, posterior.scale, posterior.layers, module,
+                                  {"kind": "normal"})  # no noise recorded: 1
+    assert pqnet.Posterior.from_bnn(_bnn_from(fixed_noise, 0.07)).likelihood["noise"] \
+        == pytest.approx(1.0)
+
+
+def test_a_round_whose_target_is_met_fixes_nothing_and_layers_keep_their_weights():
+    """Three layers chosen from at once: each fixed weight is its own layer's (within the
+    threshold of its own mean), and a round whose target is already met fixes no more."""
+    from pqnet.quantize.pwfn import _bnn_from, _fix_round
+    gen = torch.Generator().manual_seed(0)
+    means = {f"{i}.weight": torch.randn(3, 3, generator=gen) for i in (0, 1, 2)}
+    module = nn.Sequential(*(nn.Linear(3, 3, bias=False) for _ in range(3)))
+    posterior = posterior_of(means, 0.05, module)
+    bnn = _bnn_from(posterior, 0.05)
+    fixer = WeightFixer(threshold=1.0)
+    masks = {la: torch.zeros(3, 3, dtype=torch.bool) for la in ("0", "1", "2")}
+    values = {la: torch.zeros(3, 3) for la in masks}
+    _fix_round(fixer, bnn, masks, values, 20)
+    assert sum(int(m.sum()) for m in masks.values()) == 20
+    for la in masks:
+        mu = means[f"{la}.weight"][masks[la]]
+        assert bool(((mu - values[la][masks[la]]).abs() <= fixer.threshold * 0.05).all()), la
+        fixed = pqnet.Posterior.from_bnn(bnn).loc[f"{la}.weight"]
+        assert torch.equal(fixed[masks[la]], values[la][masks[la]])
+    before = {la: m.clone() for la, m in masks.items()}
+    _fix_round(fixer, bnn, masks, values, 15)  # already 20 fixed
+    assert all(torch.equal(masks[la], before[la]) for la in masks)
+
+
+def test_a_layer_holds_up_to_256_shared_values():
+    from pqnet.quantize.pwfn import _shared_codebook_layer
+    layer = _shared_codebook_layer(torch.arange(256.0).reshape(16, 16) / 128)
+    assert layer.widths == [8] and torch.equal(layer.values(),
+                                               torch.arange(256.0).reshape(16, 16) / 128)
+    with pytest.raises(ValueError, match="^max_order: a layer uses 257 distinct values"):
+        _shared_codebook_layer(torch.arange(257.0) / 128)
+
+
+def test_pwfn_records_its_defaults():
+    from pqnet.quantize.pwfn import pwfn
+    means = {"0.weight": torch.tensor([[0.25, -0.5, 0.3], [0.1, 0.0, -0.2]])}
+    module = nn.Sequential(nn.Linear(3, 2, bias=False))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4))
+    qnet = pwfn(posterior_of(means, 1e-2, module), data=data)  # quantize passes a seed
+    assert {k: v for k, v in qnet.config.items() if k != "rounds"} == {
+        "schedule": list(SCHEDULE), "max_order": 4, "threshold": 1.0, "widen": 2.0,
+        "zero_below": None, "retrain_epochs": 1, "lr": 1e-3, "scale_lr": None,
+        "batch_size": 64, "kl_weight": 1.0, "sigma_cap": 0.05, "seed": 0}
+    assert len(qnet.config["rounds"]) == len(SCHEDULE)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -234,6 +312,9 @@ def test_vit_tiny_weights_are_fixed_too():
     ({"schedule": [0.2, 0.9]}, "schedule: must end at 1"),
     ({"schedule": []}, "schedule: expected a non-empty"),
     ({"schedule": [0.0, 1.0]}, r"schedule: every fraction must lie in \(0, 1\]"),
+    ({"schedule": [0.5, 1.5, 1.0]}, r"schedule: every fraction must lie in \(0, 1\]"),
+    ({"schedule": [0.5, 0.5, 1.0]}, "schedule: fractions must increase strictly"),
+    ({"schedule": {1.0}}, "schedule: expected a non-empty sequence"),
     ({"max_order": 0}, "max_order"),
     ({"max_order": 5}, "max_order"),
     ({"threshold": 0.0}, "threshold"),
