@@ -112,3 +112,16 @@ def device(value: str | torch.device, name: str = "device") -> torch.device:
     if value.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name}: CUDA was asked for but torch.cuda.is_available() is False")
     return value
+
+
+def probability_rows(name: str, value: object, like: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """``value`` as an ``(N, C)`` tensor of per-example class probabilities, of the shape of
+    ``like`` when given."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name}: expected an (N, C) tensor of class probabilities, got {shape}")
+    if like is not None and value.shape != like.shape:
+        raise ValueError(f"{name}: expected the shape {tuple(like.shape)} of the other "
+                         f"predictive, got {tuple(value.shape)}")
+    return value

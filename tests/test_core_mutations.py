@@ -372,9 +372,15 @@ def test_z_scores_and_hdi_coverage_by_hand():
     cov = hdi_coverage(post, w)
     assert cov == {"0.weight": 0.6, "1.weight": 1.0}  # |z| <= 1.959964
     assert hdi_coverage(post, w, prob=0.5) == {"0.weight": 0.2, "1.weight": 0.0}  # z* = 0.674
-    # z* = 1.0 exactly: the interval is closed, so z = 1 is inside
-    assert hdi_coverage(post, w, prob=math.erf(1 / math.sqrt(2))) == {"0.weight": 0.4,
-                                                                      "1.weight": 0.0}
+    # a prob whose z* is 1.0 exactly (found near erf(1/sqrt 2), as the platform's erf and
+    # ppf round): the interval is closed, so z = 1 is inside
+    from scipy.stats import norm
+    down = up = [math.erf(1 / math.sqrt(2))]
+    for _ in range(8):
+        down, up = down + [math.nextafter(down[-1], 0)], up + [math.nextafter(up[-1], 1)]
+    exact = [q for q in down + up if norm.ppf((1 + q) / 2) == 1.0]
+    assert exact
+    assert hdi_coverage(post, w, prob=exact[0]) == {"0.weight": 0.4, "1.weight": 0.0}
     for bad in (1.0, 0.0, 0, True, "0.9", None, float("nan")):
         with pytest.raises(ValueError, match="^prob: expected a probability in"):
             hdi_coverage(post, w, prob=bad)
@@ -432,7 +438,8 @@ def test_prior_movement_by_hand():
         return {"layer": path, "kind": kind, "weights": n, "prior_sd": s,
                 "sd_ratio": sigma / s, "kl_per_weight": kl, "informed": sigma / s <= 0.9}
 
-    s0, s1 = math.sqrt(2 / 5), math.sqrt(2 / 2)  # the fan-in prior's default gain sqrt(2)
+    s0, s1 = FanInPrior().scale_for(5), FanInPrior().scale_for(2)  # sqrt(2 / fan-in)
+    assert (s0, s1) == pytest.approx((math.sqrt(2 / 5), 1.0), rel=1e-15)
     for prior in (None, "fan-in", FanInPrior()):
         got = prior_movement(post, prior)
         want = [row("0", "Linear", 10, 0.0, 0.5, s0), row("1", "Linear", 12, 0.25, 2.0, s1)]
@@ -497,7 +504,8 @@ def test_layer_table_passes_its_prior_and_probability_on():
     assert [r["sd_ratio"] for r in rows] == [2.0, 4.0]
     partial = pqnet.Posterior(loc, base.scale, {"0": base.layers["0"]}, base.module)
     rows = layer_table(partial, qnet)
-    assert rows[0]["kind"] == "Linear" and rows[0]["sd_ratio"] == 1 / math.sqrt(2 / 5)
+    assert rows[0]["kind"] == "Linear"
+    assert rows[0]["sd_ratio"] == pytest.approx(1 / math.sqrt(2 / 5), rel=1e-15)
     assert rows[1]["kind"] == "" and rows[1]["informed"] is None
     assert math.isnan(rows[1]["sd_ratio"]) and math.isnan(rows[1]["kl_per_weight"])
 
@@ -516,12 +524,14 @@ def test_bits_sigma_correlation_by_hand():
     post.loc["1.weight"] = torch.full((6, 2), 0.1)
     post.scale["1.weight"] = torch.full((6, 2), 0.05)
     assert bits_sigma_correlation(post, qnet) == pytest.approx(-1.0)
+    from scipy.stats import ConstantInputWarning
     uniform = pqnet.quantize(post, "uniform", bits=4)
+    one = make_posterior(nn.Linear(1, 1, bias=False))  # a network of one weight
+    two_bits = pqnet.quantize(one, "uniform", bits=2)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # equal widths: nan, without scipy's constant warning
+        warnings.simplefilter("error", ConstantInputWarning)  # equal widths: nan, unwarned
         assert math.isnan(bits_sigma_correlation(post, uniform))
-        one = make_posterior(nn.Linear(1, 1, bias=False))  # a network of one weight
-        assert math.isnan(bits_sigma_correlation(one, pqnet.quantize(one, "uniform", bits=2)))
+        assert math.isnan(bits_sigma_correlation(one, two_bits))
 
 
 def test_reliability_divergence_and_auroc_by_hand():
@@ -538,7 +548,8 @@ def test_reliability_divergence_and_auroc_by_hand():
     assert r["count"] == [0, 0, 1, 1, 2]
     assert r["accuracy"][2:] == [1.0, 0.0, 1.0]
     assert r["ece"] == pytest.approx((abs(1 - .55) + abs(0 - .65) + abs(2 - 1.75)) / 4)
-    # a confidence a rounding above 1 (exp of a log-probability of +1e-16) is in the top bin
+    # a confidence a rounding above 1 (exp(2e-16), of a log-probability a rounding above 0)
+    # is in the top bin
     over = torch.tensor([[1 + 2 ** -52, 0.0], [0.3, 0.7]], dtype=torch.float64)
     r = reliability(over, torch.tensor([0, 0]), num_bins=4)
     assert r["count"] == [0, 0, 1, 1] and r["accuracy"][2:] == [0.0, 1.0]
@@ -547,6 +558,9 @@ def test_reliability_divergence_and_auroc_by_hand():
     assert reliability(torch.full((1, 4), 0.25), torch.tensor([2]), 4)["count"] == [1, 0, 0, 0]
     with pytest.raises(ValueError, match="^num_bins: "):
         reliability(probs, labels, num_bins=0)
+    with pytest.raises(ValueError, match=r"^probs: expected an \(N, C\) tensor of class "
+                                         r"probabilities, got \(2,\)"):
+        reliability(probs[0], labels[:1])
     p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
     q = torch.tensor([[0.25, 0.75], [0.9, 0.1]])
     d = predictive_divergence(p, q)
@@ -558,6 +572,14 @@ def test_reliability_divergence_and_auroc_by_hand():
            for pr, qr in zip(p3.double().tolist(), q3.double().tolist(), strict=True)]
     assert predictive_divergence(p3, q3) == pytest.approx({"agreement": 1 / 4,  # 4 inputs
                                                            "kl": sum(kl3) / 4}, rel=1e-12)
+    for bad_p, bad_q, message in (
+            (p3[0], q3[0], r"^p: expected an \(N, C\) tensor of class probabilities, got \(3,\)"),
+            (p3[None], q3[None], r"^p: .* got \(1, 4, 3\)"),
+            (p3, q3[0], r"^q: expected an \(N, C\) tensor .* got \(3,\)"),
+            (p3, q3[:2], r"^q: expected the shape \(4, 3\) of the other predictive, got \(2, 3\)"),
+            (p3.tolist(), q3, r"^p: .* got list")):
+        with pytest.raises(ValueError, match=message):
+            predictive_divergence(bad_p, bad_q)
     confident, unsure = torch.tensor([[0.99, 0.01]]), torch.tensor([[0.5, 0.5]])
     assert entropy_auroc(confident.repeat(3, 1), unsure.repeat(2, 1)) == 1.0
     assert entropy_auroc(unsure.repeat(3, 1), confident.repeat(2, 1)) == 0.0
@@ -1630,7 +1652,7 @@ def _random_bits_by_hand(posterior, data, budget: float, steps: int, seed: int =
     gen = torch.Generator().manual_seed(seed)
     epochs = itertools.chain.from_iterable(
         batches(data, batch_size or n, generator=gen) for _ in itertools.count())
-    for t, (x, y) in zip(range(steps), epochs):
+    for t, (x, y) in zip(range(steps), epochs, strict=False):  # the epochs never end
         for _, mu, _ in layers:
             torch.randn(mu.shape, generator=gen)  # the posterior draw: w = mu here
         drawn = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1).tolist()
@@ -2169,7 +2191,7 @@ def test_prediction_checks_by_hand():
     bad = summary([[.05, .9, .05], [.05, .05, .9], [.9, .05, .05]] * 2)
     worse = {r["check"]: r for r in prediction_checks(bad, good, good)}
     better = {r["check"]: r for r in prediction_checks(good, bad, good)}
-    for check in ("elpd", "nll", "agreement"):  # nll: 2.9 nats an example, over 4 / 6
+    for check in ("elpd", "nll", "agreement", "kl", "ece"):  # nll: 2.9 nats each, over 4/6
         assert worse[check]["se"] < 1e-9 and worse[check]["flagged"], check
         assert better[check]["se"] < 1e-9 and not better[check]["flagged"], check
     # 60 random examples: another seed and bins, and the defaults (15 bins, seed 0)

@@ -32,6 +32,7 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from .._checks import positive_int as _positive_int
+from .._checks import probability_rows
 from ..bnn.convert import normal_kl
 from ..bnn.priors import FanInPrior, NormalPrior, Prior, PWFNPrior, make_prior
 from ..inference.batching import batches
@@ -268,7 +269,7 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -
     expected_calibration_error`); per bin ``count``, mean ``confidence`` and ``accuracy``
     (``nan`` for empty bins), and ``ece = sum_b |B_b| / N |acc_b - conf_b|``."""
     num_bins = _positive_int("num_bins", num_bins)
-    confidence, predicted = probs.double().max(-1)
+    confidence, predicted = probability_rows("probs", probs).double().max(-1)
     correct = (predicted == labels).double()
     bins = (confidence * num_bins).ceil().long().clamp(1, num_bins) - 1
     count = torch.bincount(bins, minlength=num_bins).double()
@@ -288,8 +289,10 @@ def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -
 def predictive_divergence(p: torch.Tensor, q: torch.Tensor) -> dict[str, float]:
     """How far the predictive ``q`` (a quantized net's) is from ``p`` (the BNN's), per input:
     ``agreement``, the fraction of inputs with the same most probable class, and ``kl``,
-    ``(1/N) sum_n KL(p_n || q_n) = (1/N) sum_n sum_c p_nc log(p_nc / q_nc)`` in nats."""
-    p, q = p.double(), q.double()
+    ``(1/N) sum_n KL(p_n || q_n) = (1/N) sum_n sum_c p_nc log(p_nc / q_nc)`` in nats;
+    ``p`` and ``q`` are ``(N, C)``."""
+    p = probability_rows("p", p).double()
+    q = probability_rows("q", q, like=p).double()
     kl = (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(-1)
     return {"agreement": float((p.argmax(-1) == q.argmax(-1)).double().mean()),
             "kl": float(kl.mean())}
