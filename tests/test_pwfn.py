@@ -291,12 +291,23 @@ def test_a_layer_holds_up_to_256_shared_values():
         _shared_codebook_layer(torch.arange(257.0) / 128)
 
 
-def test_pwfn_records_its_defaults():
+def test_pwfn_records_its_defaults(monkeypatch):
+    import io
+
     from pqnet.quantize.pwfn import pwfn
+
+    class Terminal(io.StringIO):  # progress bars show on a terminal only
+        def isatty(self):
+            return True
+
     means = {"0.weight": torch.tensor([[0.25, -0.5, 0.3], [0.1, 0.0, -0.2]])}
     module = nn.Sequential(nn.Linear(3, 2, bias=False))
     data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4))
+    monkeypatch.setattr(sys, "stderr", Terminal())
     qnet = pwfn(posterior_of(means, 1e-2, module), data=data)  # quantize passes a seed
+    assert sys.stderr.getvalue() == ""  # no progress bars unless asked
+    pwfn(posterior_of(means, 1e-2, module), data=data, schedule=[0.5, 1.0], progress=True)
+    assert "epoch" in sys.stderr.getvalue()
     assert {k: v for k, v in qnet.config.items() if k != "rounds"} == {
         "schedule": list(SCHEDULE), "max_order": 4, "threshold": 1.0, "widen": 2.0,
         "zero_below": None, "retrain_epochs": 1, "lr": 1e-3, "scale_lr": None,
@@ -322,6 +333,15 @@ def test_pwfn_records_its_defaults():
     ({"zero_below": -1.0}, "zero_below"),
     ({"retrain_epochs": 1}, "data: PWFN retrains"),
     ({"resume": True}, "resume: needs checkpoint_dir"),
+    ({"resume": "yes"}, "resume: expected True or False"),
+    ({"kl_weight": 0.0}, "kl_weight: "),
+    ({"lr": 0.0}, "lr: "),
+    ({"scale_lr": 0.0}, "scale_lr: "),
+    ({"sigma_cap": 0.0}, "sigma_cap: "),
+    ({"batch_size": 0}, "batch_size: "),
+    ({"batch_size": (1 << 30) + 1}, r"batch_size: .* 1\.\.1073741824"),
+    ({"retrain_epochs": -1}, "retrain_epochs: "),
+    ({"retrain_epochs": 10_001}, r"retrain_epochs: .* 0\.\.10000"),
     ({"avg_bits": 2.0}, "avg_bits: not a keyword of method 'pwfn'"),
 ])
 def test_bad_options_name_the_argument(options, argument):
@@ -330,6 +350,17 @@ def test_bad_options_name_the_argument(options, argument):
     options = {"retrain_epochs": 0, **options}
     with pytest.raises(ValueError, match=f"^{argument}"):
         pqnet.quantize(posterior, "pwfn", **options)
+
+
+def test_the_ends_of_each_range_are_accepted_and_recorded():
+    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
+    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    ends = {"max_order": 1, "zero_below": 0.5, "scale_lr": 0.5, "batch_size": 1,
+            "sigma_cap": 0.5, "kl_weight": 0.5, "lr": 0.5}
+    for options in (ends, {"batch_size": 1 << 30, "retrain_epochs": 10_000}):
+        qnet = pqnet.quantize(posterior, "pwfn", schedule=[1.0], **{"retrain_epochs": 0,
+                                                                    **options})
+        assert {k: qnet.config[k] for k in options} == options
 
 
 def test_non_positive_scales_are_refused():
