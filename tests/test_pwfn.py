@@ -332,6 +332,7 @@ def test_pwfn_records_its_defaults(monkeypatch):
     ({"widen": 1.0}, "widen"),
     ({"zero_below": -1.0}, "zero_below"),
     ({"retrain_epochs": 1}, "data: PWFN retrains"),
+    ({"retrain_epochs": 1, "schedule": [0.5, 1.0]}, "data: PWFN retrains"),
     ({"resume": True}, "resume: needs checkpoint_dir"),
     ({"resume": "yes"}, "resume: expected True or False"),
     ({"kl_weight": 0.0}, "kl_weight: "),
@@ -361,6 +362,32 @@ def test_the_ends_of_each_range_are_accepted_and_recorded():
         qnet = pqnet.quantize(posterior, "pwfn", schedule=[1.0], **{"retrain_epochs": 0,
                                                                     **options})
         assert {k: qnet.config[k] for k in options} == options
+
+
+def test_a_corrupt_checkpoint_names_the_folder(tmp_path):
+    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
+    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    (tmp_path / "pwfn.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="^checkpoint_dir: "):
+        pqnet.quantize(posterior, "pwfn", retrain_epochs=0, checkpoint_dir=tmp_path,
+                       resume=True)
+
+
+def test_the_centres_reach_the_largest_mean_and_no_further():
+    """The powers of two go up to the one that covers the largest |mu| (here 4 for 3.0):
+    means on centres are kept exactly; an all-zero posterior is all zeros; a weight at -1
+    whose interval holds -2 stays at -1, its own mean, when |mu| <= 1 everywhere."""
+    module = nn.Sequential(nn.Linear(3, 1, bias=False))
+    exact = posterior_of({"0.weight": torch.tensor([[3.0, -2.0, 0.5]])}, 1e-3, module)
+    qnet = pqnet.quantize(exact, "pwfn", schedule=[1.0], retrain_epochs=0)
+    assert qnet.weights()["0.weight"].tolist() == [[3.0, -2.0, 0.5]]
+    zero = posterior_of({"0.weight": torch.zeros(1, 3)}, 1e-3, module)
+    assert not pqnet.quantize(zero, "pwfn", schedule=[1.0], retrain_epochs=0
+                              ).weights()["0.weight"].any()
+    one = posterior_of({"0.weight": torch.tensor([[-1.0]])}, 1.5,
+                       nn.Sequential(nn.Linear(1, 1, bias=False)))
+    assert pqnet.quantize(one, "pwfn", schedule=[1.0], retrain_epochs=0
+                          ).weights()["0.weight"].item() == -1.0
 
 
 def test_non_positive_scales_are_refused():
