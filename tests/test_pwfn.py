@@ -313,6 +313,8 @@ def test_pwfn_records_its_defaults(monkeypatch):
         "zero_below": None, "retrain_epochs": 1, "lr": 1e-3, "scale_lr": None,
         "batch_size": 64, "kl_weight": 1.0, "sigma_cap": 0.05, "seed": 0}
     assert len(qnet.config["rounds"]) == len(SCHEDULE)
+    # retrained after every round but the last
+    assert ["elbo" in r for r in qnet.config["rounds"]] == [True] * 9 + [False]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -351,6 +353,69 @@ def test_bad_options_name_the_argument(options, argument):
     options = {"retrain_epochs": 0, **options}
     with pytest.raises(ValueError, match=f"^{argument}"):
         pqnet.quantize(posterior, "pwfn", **options)
+
+
+def test_zero_below_fixes_small_means_to_zero_before_the_first_round():
+    """|mu| < zero_below (strictly) is fixed to 0 first and counts toward round 1, which
+    then fixes no more; each round's record by hand."""
+    means = {"0.weight": torch.tensor([[0.01, -0.02, 0.0625, 0.75]])}
+    posterior = posterior_of(means, 1e-4, nn.Sequential(nn.Linear(4, 1, bias=False)))
+    qnet = pqnet.quantize(posterior, "pwfn", schedule=[0.5, 1.0], retrain_epochs=0,
+                          zero_below=0.0625)
+    assert qnet.weights()["0.weight"].tolist() == [[0.0, 0.0, 0.0625, 0.75]]
+    rounds = [{k: v for k, v in r.items() if k != "seconds"} for r in qnet.config["rounds"]]
+    assert rounds == [  # 0.75 = 1/2 + 1/4 needs order 2
+        {"round": 1, "target": 0.5, "fixed": 0.5, "order": 1, "threshold": 1.0,
+         "unique_values": 1},
+        {"round": 2, "target": 1.0, "fixed": 1.0, "order": 2, "threshold": 1.0,
+         "unique_values": 3}]
+    assert all(r["seconds"] >= 0 for r in qnet.config["rounds"])
+
+
+def test_a_rounds_target_is_the_ceiling_of_its_fraction():
+    """0.7 of 10 weights is 7 (0.7 * 10 is 7.000000000000001 in floats), 0.5 of 4 is 2."""
+    for n, fraction in ((10, 0.7), (4, 0.5)):
+        means = {"0.weight": torch.arange(1.0, n + 1)[None] / 16}
+        posterior = posterior_of(means, 1e-3, nn.Sequential(nn.Linear(n, 1, bias=False)))
+        qnet = pqnet.quantize(posterior, "pwfn", schedule=[fraction, 1.0], retrain_epochs=0)
+        assert qnet.config["rounds"][0]["fixed"] == fraction
+
+
+def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_path,
+                                                                          monkeypatch):
+    """The fixer's order and threshold, its max_order, widen and largest centre come back
+    on resume: an interrupted run ends where an uninterrupted one does."""
+    pwfn_module = sys.modules["pqnet.quantize.pwfn"]  # pqnet.quantize.pwfn is the function
+    gen = torch.Generator().manual_seed(0)
+    means = {"0.weight": (3 * torch.rand(2, 6, generator=gen) - 1.5) * torch.tensor(2.0)}
+    posterior = posterior_of(means, 1e-3, nn.Sequential(nn.Linear(6, 2, bias=False)))
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=gen),
+                                          torch.randint(0, 2, (32,), generator=gen))
+    # retraining moves the free means: a fresh rule could reach some at a tighter threshold
+    options = dict(schedule=[0.5, 0.75, 1.0], max_order=2, widen=3.0, data=data,
+                   retrain_epochs=1, lr=0.05, batch_size=8)
+    whole = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "whole", **options)
+    real = pwfn_module._fix_round
+    calls = []
+
+    def stop_in_round_two(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(pwfn_module, "_fix_round", stop_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", **options)
+    monkeypatch.setattr(pwfn_module, "_fix_round", real)
+    resumed = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", resume=True,
+                             **options)
+    assert torch.equal(resumed.weights()["0.weight"], whole.weights()["0.weight"])
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.config["rounds"]] \
+        == [{k: v for k, v in r.items() if k not in drop} for r in whole.config["rounds"]]
+    assert whole.config["rounds"][0]["order"] == 2  # round 1 needed order 2 ...
+    assert whole.config["rounds"][-1]["threshold"] > 1.0  # ... and round 2 a wider rule
 
 
 def test_the_ends_of_each_range_are_accepted_and_recorded():
