@@ -381,41 +381,46 @@ def test_a_rounds_target_is_the_ceiling_of_its_fraction():
         assert qnet.config["rounds"][0]["fixed"] == fraction
 
 
+@pytest.mark.parametrize("retrain", [False, True])
 def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, retrain):
     """The fixer's order and threshold, its max_order, widen and largest centre come back
-    on resume: an interrupted run ends where an uninterrupted one does."""
+    on resume: an interrupted run ends where an uninterrupted one does. Without retraining
+    the last round must loosen the rule further; with it, the retrained means could be
+    reached by a rule tighter than the one the rounds had reached."""
     pwfn_module = sys.modules["pqnet.quantize.pwfn"]  # pqnet.quantize.pwfn is the function
     gen = torch.Generator().manual_seed(0)
     means = {"0.weight": (3 * torch.rand(2, 6, generator=gen) - 1.5) * torch.tensor(2.0)}
     posterior = posterior_of(means, 1e-3, nn.Sequential(nn.Linear(6, 2, bias=False)))
     data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=gen),
                                           torch.randint(0, 2, (32,), generator=gen))
-    # retraining moves the free means: a fresh rule could reach some at a tighter threshold
-    options = dict(schedule=[0.5, 0.75, 1.0], max_order=2, widen=3.0, data=data,
-                   retrain_epochs=1, lr=0.05, batch_size=8)
+    options = dict(schedule=[0.5, 1.0], max_order=2, widen=3.0, retrain_epochs=0)
+    if retrain:
+        options.update(schedule=[0.5, 0.75, 1.0], data=data, retrain_epochs=1, lr=0.05,
+                       batch_size=8)
     whole = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "whole", **options)
     real = pwfn_module._fix_round
-    calls = []
 
-    def stop_in_round_two(*args):
-        calls.append(1)
-        if len(calls) == 3:
+    started = []
+
+    def stop_in_the_last_round(*args):
+        started.append(1)
+        if len(started) == len(options["schedule"]):
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(pwfn_module, "_fix_round", stop_in_round_two)
+    monkeypatch.setattr(pwfn_module, "_fix_round", stop_in_the_last_round)
     with pytest.raises(KeyboardInterrupt):
         pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", **options)
     monkeypatch.setattr(pwfn_module, "_fix_round", real)
     resumed = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", resume=True,
                              **options)
     assert torch.equal(resumed.weights()["0.weight"], whole.weights()["0.weight"])
-    drop = ("seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed.config["rounds"]] \
-        == [{k: v for k, v in r.items() if k not in drop} for r in whole.config["rounds"]]
-    assert whole.config["rounds"][0]["order"] == 2  # round 1 needed order 2 ...
-    assert whole.config["rounds"][-1]["threshold"] > 1.0  # ... and round 2 a wider rule
+    rounds = [{k: v for k, v in r.items() if k != "seconds"} for r in whole.config["rounds"]]
+    assert [{k: v for k, v in r.items() if k != "seconds"}
+            for r in resumed.config["rounds"]] == rounds
+    assert rounds[0]["order"] == 2
+    assert retrain or rounds[-1]["threshold"] > rounds[-2]["threshold"]
 
 
 def test_the_ends_of_each_range_are_accepted_and_recorded():
