@@ -314,6 +314,7 @@ def test_pwfn_records_its_defaults(monkeypatch):
         "zero_below": None, "retrain_epochs": 1, "lr": 1e-3, "scale_lr": None,
         "batch_size": 64, "kl_weight": 1.0, "sigma_cap": 0.05, "seed": 0}
     assert len(qnet.config["rounds"]) == len(SCHEDULE)
+    assert qnet.method == "pwfn"
     # retrained after every round but the last
     assert ["elbo" in r for r in qnet.config["rounds"]] == [True] * 9 + [False]
 
