@@ -85,6 +85,15 @@ def test_order_rises_then_threshold_widens_when_nothing_is_within_reach():
     assert value.tolist() == [0.3125] and fixer.threshold == 128.0
 
 
+def test_the_reach_is_closed_at_both_ends():
+    """A centre exactly ``threshold`` sds away is within reach, above and below: 1/2 is
+    one sd of 1/16 above 7/16 and below 9/16 (all exact in floats)."""
+    fixer = WeightFixer()
+    index, value = fixer.fix(torch.tensor([0.4375, 0.5625]), torch.full((2,), 0.0625), 2)
+    assert sorted(index.tolist()) == [0, 1] and value.tolist() == [0.5, 0.5]
+    assert fixer.order == 1 and fixer.threshold == 1.0
+
+
 def test_no_weight_is_fixed_farther_than_the_threshold():
     gen = torch.Generator().manual_seed(0)
     mu = 0.1 * torch.randn(20_000, generator=gen)
@@ -493,6 +502,10 @@ def test_the_centres_reach_the_largest_mean_and_no_further():
     zero = posterior_of({"0.weight": torch.zeros(1, 3)}, 1e-3, module)
     assert not pqnet.quantize(zero, "pwfn", schedule=[1.0], retrain_epochs=0
                               ).weights()["0.weight"].any()
+    two = posterior_of({"0.weight": torch.tensor([[2.0, -0.5]])}, 1e-3,  # at order 1 too
+                       nn.Sequential(nn.Linear(2, 1, bias=False)))
+    assert pqnet.quantize(two, "pwfn", schedule=[1.0], retrain_epochs=0, max_order=1
+                          ).weights()["0.weight"].tolist() == [[2.0, -0.5]]
     one = posterior_of({"0.weight": torch.tensor([[-1.0]])}, 1.5,
                        nn.Sequential(nn.Linear(1, 1, bias=False)))
     assert pqnet.quantize(one, "pwfn", schedule=[1.0], retrain_epochs=0
