@@ -92,6 +92,11 @@ def test_the_reach_is_closed_at_both_ends():
     index, value = fixer.fix(torch.tensor([0.4375, 0.5625]), torch.full((2,), 0.0625), 2)
     assert sorted(index.tolist()) == [0, 1] and value.tolist() == [0.5, 0.5]
     assert fixer.order == 1 and fixer.threshold == 1.0
+    last = WeightFixer(max_order=1)  # the largest centre, 2^0, is reached like the others
+    assert last.fix(torch.tensor([1.0]), torch.tensor([1e-3]), 1)[1].tolist() == [1.0]
+    assert last.threshold == 1.0
+    index, value = last.fix(torch.tensor([0.3]), torch.tensor([1e-3]), 0)  # none asked
+    assert index.tolist() == [] and value.tolist() == []
 
 
 def test_no_weight_is_fixed_farther_than_the_threshold():
