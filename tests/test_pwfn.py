@@ -391,21 +391,24 @@ def test_zero_below_fixes_small_means_to_zero_before_the_first_round():
 
 
 def test_a_rounds_target_is_the_ceiling_of_its_fraction():
-    """0.7 of 10 weights is 7 (0.7 * 10 is 7.000000000000001 in floats), 0.5 of 4 is 2."""
-    for n, fraction in ((10, 0.7), (4, 0.5)):
+    """0.7 of 10 weights is 7 (0.7 * 10 is 7.000000000000001 in floats), 0.5 of 4 is 2,
+    0.25 of 10 is 3."""
+    for n, fraction, fixed in ((10, 0.7, 0.7), (4, 0.5, 0.5), (10, 0.25, 0.3)):
         means = {"0.weight": torch.arange(1.0, n + 1)[None] / 16}
         posterior = posterior_of(means, 1e-3, nn.Sequential(nn.Linear(n, 1, bias=False)))
         qnet = pqnet.quantize(posterior, "pwfn", schedule=[fraction, 1.0], retrain_epochs=0)
-        assert qnet.config["rounds"][0]["fixed"] == fraction
+        assert qnet.config["rounds"][0]["fixed"] == fixed
 
 
-@pytest.mark.parametrize("retrain", [False, True])
+@pytest.mark.parametrize("retrain, stop", [(False, 2), (True, 3), (True, 2)])
 def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_path,
-                                                                          monkeypatch, retrain):
+                                                                          monkeypatch, retrain,
+                                                                          stop):
     """The fixer's order and threshold, its max_order, widen and largest centre come back
     on resume: an interrupted run ends where an uninterrupted one does. Without retraining
     the last round must loosen the rule further; with it, the retrained means could be
-    reached by a rule tighter than the one the rounds had reached."""
+    reached by a rule tighter than the one the rounds had reached. Stopped in round 2 of
+    3, the resumed run also retrains (seeded by its round) before its last round."""
     pwfn_module = sys.modules["pqnet.quantize.pwfn"]  # pqnet.quantize.pwfn is the function
     gen = torch.Generator().manual_seed(0)
     means = {"0.weight": (3 * torch.rand(2, 6, generator=gen) - 1.5) * torch.tensor(2.0)}
@@ -421,13 +424,13 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
 
     started = []
 
-    def stop_in_the_last_round(*args):
+    def stop_in_round(*args):
         started.append(1)
-        if len(started) == len(options["schedule"]):
+        if len(started) == stop:
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(pwfn_module, "_fix_round", stop_in_the_last_round)
+    monkeypatch.setattr(pwfn_module, "_fix_round", stop_in_round)
     with pytest.raises(KeyboardInterrupt):
         pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", **options)
     monkeypatch.setattr(pwfn_module, "_fix_round", real)
@@ -474,6 +477,15 @@ def test_each_retraining_is_pqnets_fit_with_pwfns_settings():
     _fix_round(fixer, bnn, masks, values, 18)
     for la in masks:
         assert torch.equal(got.weights()[f"{la}.weight"], values[la])
+
+
+def test_a_bad_device_is_named_by_the_retraining():
+    """Finding: pwfn does not check ``device`` itself; the first retraining's fit names it."""
+    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
+    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    data = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="^device: 'nonsense' is not a torch device"):
+        pqnet.quantize(posterior, "pwfn", data=data, schedule=[0.5, 1.0], device="nonsense")
 
 
 def test_the_ends_of_each_range_are_accepted_and_recorded():
