@@ -25,6 +25,13 @@ def posterior_of(means: dict[str, torch.Tensor], sigma: float, module: nn.Module
     return pqnet.Posterior(means, scale, layers, module)
 
 
+def one_layer(weight: torch.Tensor, sigma: float) -> pqnet.Posterior:
+    """A bias-free Linear layer's posterior: means ``weight`` (out x in), sd ``sigma``."""
+    out_features, in_features = weight.shape
+    return posterior_of({"0.weight": weight}, sigma,
+                        nn.Sequential(nn.Linear(in_features, out_features, bias=False)))
+
+
 @pytest.fixture(scope="module")
 def digits():
     """A small MLP's posterior on scikit-learn digits, fitted under PWFN's prior."""
@@ -315,13 +322,12 @@ def test_pwfn_records_its_defaults(monkeypatch):
         def isatty(self):
             return True
 
-    means = {"0.weight": torch.tensor([[0.25, -0.5, 0.3], [0.1, 0.0, -0.2]])}
-    module = nn.Sequential(nn.Linear(3, 2, bias=False))
+    posterior = one_layer(torch.tensor([[0.25, -0.5, 0.3], [0.1, 0.0, -0.2]]), 1e-2)
     data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.tensor([0, 1] * 4))
     monkeypatch.setattr(sys, "stderr", Terminal())
-    qnet = pwfn(posterior_of(means, 1e-2, module), data=data)  # quantize passes a seed
+    qnet = pwfn(posterior, data=data)  # quantize passes a seed
     assert sys.stderr.getvalue() == ""  # no progress bars unless asked
-    pwfn(posterior_of(means, 1e-2, module), data=data, schedule=[0.5, 1.0], progress=True)
+    pwfn(posterior, data=data, schedule=[0.5, 1.0], progress=True)
     assert "epoch" in sys.stderr.getvalue()
     assert {k: v for k, v in qnet.config.items() if k != "rounds"} == {
         "schedule": list(SCHEDULE), "max_order": 4, "threshold": 1.0, "widen": 2.0,
@@ -364,8 +370,7 @@ def test_pwfn_records_its_defaults(monkeypatch):
     ({"avg_bits": 2.0}, "avg_bits: not a keyword of method 'pwfn'"),
 ])
 def test_bad_options_name_the_argument(options, argument):
-    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
-    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     options = {"retrain_epochs": 0, **options}
     with pytest.raises(ValueError, match=f"^{argument}"):
         pqnet.quantize(posterior, "pwfn", **options)
@@ -374,8 +379,7 @@ def test_bad_options_name_the_argument(options, argument):
 def test_zero_below_fixes_small_means_to_zero_before_the_first_round():
     """|mu| < zero_below (strictly) is fixed to 0 first and counts toward round 1, which
     then fixes no more; each round's record by hand."""
-    means = {"0.weight": torch.tensor([[0.01, -0.02, 0.0625, 0.75]])}
-    posterior = posterior_of(means, 1e-4, nn.Sequential(nn.Linear(4, 1, bias=False)))
+    posterior = one_layer(torch.tensor([[0.01, -0.02, 0.0625, 0.75]]), 1e-4)
     start = time.perf_counter()
     qnet = pqnet.quantize(posterior, "pwfn", schedule=[0.5, 1.0], retrain_epochs=0,
                           zero_below=0.0625)
@@ -394,8 +398,7 @@ def test_a_rounds_target_is_the_ceiling_of_its_fraction():
     """0.7 of 10 weights is 7 (0.7 * 10 is 7.000000000000001 in floats), 0.5 of 4 is 2,
     0.25 of 10 is 3."""
     for n, fraction, fixed in ((10, 0.7, 0.7), (4, 0.5, 0.5), (10, 0.25, 0.3)):
-        means = {"0.weight": torch.arange(1.0, n + 1)[None] / 16}
-        posterior = posterior_of(means, 1e-3, nn.Sequential(nn.Linear(n, 1, bias=False)))
+        posterior = one_layer(torch.arange(1.0, n + 1)[None] / 16, 1e-3)
         qnet = pqnet.quantize(posterior, "pwfn", schedule=[fraction, 1.0], retrain_epochs=0)
         assert qnet.config["rounds"][0]["fixed"] == fixed
 
@@ -411,8 +414,7 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
     3, the resumed run also retrains (seeded by its round) before its last round."""
     pwfn_module = sys.modules["pqnet.quantize.pwfn"]  # pqnet.quantize.pwfn is the function
     gen = torch.Generator().manual_seed(0)
-    means = {"0.weight": (3 * torch.rand(2, 6, generator=gen) - 1.5) * torch.tensor(2.0)}
-    posterior = posterior_of(means, 1e-3, nn.Sequential(nn.Linear(6, 2, bias=False)))
+    posterior = one_layer((3 * torch.rand(2, 6, generator=gen) - 1.5) * torch.tensor(2.0), 1e-3)
     data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=gen),
                                           torch.randint(0, 2, (32,), generator=gen))
     options = dict(schedule=[0.5, 1.0], max_order=2, widen=3.0, retrain_epochs=0)
@@ -481,16 +483,14 @@ def test_each_retraining_is_pqnets_fit_with_pwfns_settings():
 
 def test_a_bad_device_is_named_by_the_retraining():
     """Finding: pwfn does not check ``device`` itself; the first retraining's fit names it."""
-    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
-    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     data = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="^device: 'nonsense' is not a torch device"):
         pqnet.quantize(posterior, "pwfn", data=data, schedule=[0.5, 1.0], device="nonsense")
 
 
 def test_the_ends_of_each_range_are_accepted_and_recorded():
-    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
-    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     ends = {"max_order": 1, "zero_below": 0.5, "scale_lr": 0.5, "batch_size": 1,
             "sigma_cap": 0.5, "kl_weight": 0.5, "lr": 0.5}
     for options in (ends, {"batch_size": 1 << 30, "retrain_epochs": 10_000}):
@@ -500,8 +500,7 @@ def test_the_ends_of_each_range_are_accepted_and_recorded():
 
 
 def test_a_corrupt_checkpoint_names_the_folder(tmp_path):
-    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
-    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     (tmp_path / "pwfn.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="^checkpoint_dir: "):
         pqnet.quantize(posterior, "pwfn", retrain_epochs=0, checkpoint_dir=tmp_path,
@@ -512,26 +511,18 @@ def test_the_centres_reach_the_largest_mean_and_no_further():
     """The powers of two go up to the one that covers the largest |mu| (here 4 for 3.0):
     means on centres are kept exactly; an all-zero posterior is all zeros; a weight at -1
     whose interval holds -2 stays at -1, its own mean, when |mu| <= 1 everywhere."""
-    module = nn.Sequential(nn.Linear(3, 1, bias=False))
-    exact = posterior_of({"0.weight": torch.tensor([[3.0, -2.0, 0.5]])}, 1e-3, module)
-    qnet = pqnet.quantize(exact, "pwfn", schedule=[1.0], retrain_epochs=0)
-    assert qnet.weights()["0.weight"].tolist() == [[3.0, -2.0, 0.5]]
-    zero = posterior_of({"0.weight": torch.zeros(1, 3)}, 1e-3, module)
-    assert not pqnet.quantize(zero, "pwfn", schedule=[1.0], retrain_epochs=0
-                              ).weights()["0.weight"].any()
-    two = posterior_of({"0.weight": torch.tensor([[2.0, -0.5]])}, 1e-3,  # at order 1 too
-                       nn.Sequential(nn.Linear(2, 1, bias=False)))
-    assert pqnet.quantize(two, "pwfn", schedule=[1.0], retrain_epochs=0, max_order=1
-                          ).weights()["0.weight"].tolist() == [[2.0, -0.5]]
-    one = posterior_of({"0.weight": torch.tensor([[-1.0]])}, 1.5,
-                       nn.Sequential(nn.Linear(1, 1, bias=False)))
-    assert pqnet.quantize(one, "pwfn", schedule=[1.0], retrain_epochs=0
-                          ).weights()["0.weight"].item() == -1.0
+    def fixed_at_once(weight, sigma, **options):  # one round, no retraining
+        return pqnet.quantize(one_layer(weight, sigma), "pwfn", schedule=[1.0],
+                              retrain_epochs=0, **options).weights()["0.weight"].tolist()
+
+    assert fixed_at_once(torch.tensor([[3.0, -2.0, 0.5]]), 1e-3) == [[3.0, -2.0, 0.5]]
+    assert fixed_at_once(torch.zeros(1, 3), 1e-3) == [[0.0, 0.0, 0.0]]
+    assert fixed_at_once(torch.tensor([[2.0, -0.5]]), 1e-3, max_order=1) == [[2.0, -0.5]]
+    assert fixed_at_once(torch.tensor([[-1.0]]), 1.5) == [[-1.0]]
 
 
 def test_non_positive_scales_are_refused():
-    means = {"0.weight": torch.tensor([[0.25, -0.5]])}
-    posterior = posterior_of(means, 1e-2, nn.Sequential(nn.Linear(2, 1, bias=False)))
+    posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     posterior.scale["0.weight"][0, 1] = 0.0
     with pytest.raises(ValueError, match=r"^posterior: the scales of 0.weight must be positive"):
         pqnet.quantize(posterior, "pwfn", retrain_epochs=0)
