@@ -1953,16 +1953,23 @@ def test_failed_checks_are_named_in_one_warning_at_analyzes_caller():
         _warn_flagged([{**c, "flagged": False} for c in checks], qnet)  # none failed
 
 
+def _small_classifier(seed: int, examples: int):
+    """A 4-6-3 MLP's posterior and ``examples`` labelled inputs, both from ``seed``, and the
+    data's generator (to draw more)."""
+    torch.manual_seed(seed)
+    posterior = make_posterior(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    gen = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(examples, 4, generator=gen),
+                         torch.randint(0, 3, (examples,), generator=gen))
+    return posterior, data, gen
+
+
 def test_analyze_defaults_and_a_given_prior_reach_every_part():
     """By default 32 posterior draws from seed 0 and 15 bins; a prior passed to analyze is
     the one every per-layer figure uses, and the result says it was given."""
     from pqnet.diagnostics.analysis import predictive_summary
-    torch.manual_seed(0)
-    posterior = make_posterior(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    posterior, data, _ = _small_classifier(seed=0, examples=200)
     qnet = pqnet.quantize(posterior, "uniform", bits=2)
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,),
-                                                                           generator=gen))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
         out = analyze(posterior, qnet, data)
@@ -2002,12 +2009,8 @@ def test_analyze_is_its_parts_with_its_arguments_passed_on():
     ``num_bins``, and prediction_checks of the three from ``seed``; summaries passed as
     ``reference`` / ``mean_reference`` are used as they are."""
     from pqnet.diagnostics.analysis import prediction_checks, predictive_summary
-    torch.manual_seed(1)
-    posterior = make_posterior(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)))
+    posterior, data, gen = _small_classifier(seed=1, examples=150)
     qnet = pqnet.quantize(posterior, "sigma-bits", avg_bits=3.0)  # widths vary
-    gen = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(150, 4, generator=gen), torch.randint(0, 3, (150,),
-                                                                           generator=gen))
     ood = 3 * torch.randn(40, 4, generator=gen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
