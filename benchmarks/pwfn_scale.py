@@ -79,10 +79,13 @@ def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: 
         distance = (mu[remaining, None] - fixer.centres[None, :]).abs() / sigma[remaining, None]
         reach = distance <= fixer.threshold
         coverage = reach.sum(0)
-        best = int(coverage.argmax())
-        if int(coverage[best]) == 0:
+        if int(coverage.max()) == 0:
             fixer._loosen()
             continue
+        tied = (coverage == coverage.max()).nonzero().squeeze(1)  # closest in total wins
+        summed = ((mu[remaining, None].double() - fixer.centres[tied].double()).abs()
+                  / sigma[remaining, None].double() * reach[:, tied]).sum(0)
+        best = int(tied[summed.argmin()])
         candidates = reach[:, best].nonzero().squeeze(1)
         if len(candidates) > count:
             candidates = candidates[distance[candidates, best].argsort(stable=True)[:count]]

@@ -83,6 +83,52 @@ def test_the_centre_reaching_most_weights_takes_them_closest_first():
     assert fixer.order == 2
 
 
+def test_ties_go_to_the_centre_closest_to_its_weights():
+    """Among centres that reach equally many weights, the closest in summed sds wins, not
+    the most negative: a lone weight of mean 0 goes to 0, one of mean 0.1 to 1/8."""
+    fixer = WeightFixer()
+    assert fixer.fix(torch.tensor([0.0]), torch.tensor([0.3]), 1)[1].tolist() == [0.0]
+    assert fixer.fix(torch.tensor([0.1]), torch.tensor([0.3]), 1)[1].tolist() == [0.125]
+    assert fixer.fix(torch.tensor([-0.1]), torch.tensor([0.3]), 1)[1].tolist() == [-0.125]
+    # 1/4 and 1/2 each reach both weights; 1/4 is 0.55 + 0.95 sds away, 1/2 is 0.7 + 0.3
+    index, value = fixer.fix(torch.tensor([0.36, 0.44]), torch.tensor([0.2, 0.2]), 2)
+    assert value.tolist() == [0.5, 0.5] and fixer.order == 1
+
+
+def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: int):
+    """The greedy rule on the full ``weights x centres`` matrix, in float64 (the oracle)."""
+    free, taken = list(range(len(mu))), {}
+    while len(taken) < count:
+        c = fixer.centres.double()
+        distance = (mu[free].double()[:, None] - c).abs() / sigma[free].double()[:, None]
+        reach = distance <= fixer.threshold
+        if not bool(reach.any()):
+            fixer._loosen()
+            continue
+        counts = reach.sum(0)
+        tied = (counts == counts.max()).nonzero().squeeze(1)
+        best = tied[(distance * reach)[:, tied].sum(0).argmin()]
+        order = distance[:, best].argsort(stable=True)
+        chosen = [free[i] for i in order.tolist() if reach[i, best]][:count - len(taken)]
+        taken.update({i: float(fixer.centres[best]) for i in chosen})
+        free = [i for i in free if i not in taken]
+    return taken
+
+
+def test_the_assignment_matches_a_dense_oracle_and_is_symmetric_in_sign():
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        mu = 0.3 * torch.randn(n, generator=gen)
+        sigma = 10 ** (-2.5 + 2 * torch.rand(n, generator=gen))
+        count = int(torch.randint(1, n + 1, (1,), generator=gen))
+        index, value = WeightFixer(max_order=2).fix(mu, sigma, count)
+        got = dict(zip(index.tolist(), value.tolist(), strict=True))
+        assert got == dense_fix(WeightFixer(max_order=2), mu, sigma, count), trial
+        index, value = WeightFixer(max_order=2).fix(-mu, sigma, count)
+        assert dict(zip(index.tolist(), (-value).tolist(), strict=True)) == got, trial
+
+
 def test_order_rises_then_threshold_widens_when_nothing_is_within_reach():
     fixer = WeightFixer(max_order=2, threshold=1.0, widen=2.0)
     index, value = fixer.fix(torch.tensor([0.375]), torch.tensor([1e-4]), 1)
@@ -481,12 +527,15 @@ def test_each_retraining_is_pqnets_fit_with_pwfns_settings():
         assert torch.equal(got.weights()[f"{la}.weight"], values[la])
 
 
-def test_a_bad_device_is_named_by_the_retraining():
-    """Finding: pwfn does not check ``device`` itself; the first retraining's fit names it."""
+def test_a_bad_device_is_named_before_any_round(monkeypatch):
+    """Even where no retraining would run (one round, or none asked for)."""
     posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     data = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
-    with pytest.raises(ValueError, match="^device: 'nonsense' is not a torch device"):
-        pqnet.quantize(posterior, "pwfn", data=data, schedule=[0.5, 1.0], device="nonsense")
+    pwfn_module = sys.modules["pqnet.quantize.pwfn"]
+    monkeypatch.setattr(pwfn_module, "_fix_round", lambda *a: pytest.fail("a round ran"))
+    for options in ({"schedule": [0.5, 1.0]}, {"schedule": [1.0]}, {"retrain_epochs": 0}):
+        with pytest.raises(ValueError, match="^device: 'nonsense' is not a torch device"):
+            pqnet.quantize(posterior, "pwfn", data=data, device="nonsense", **options)
 
 
 def test_the_ends_of_each_range_are_accepted_and_recorded():

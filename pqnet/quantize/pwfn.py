@@ -64,12 +64,15 @@ class WeightFixer:
     the counts; when no centre can take any weight it raises ``order`` (more centres,
     :func:`centres`) up to ``max_order``, then multiplies ``threshold`` by ``widen``. The
     order and threshold only grow, across calls too: a later round never uses a tighter
-    rule than an earlier one.
+    rule than an earlier one. Among centres that reach equally many free weights, the one
+    whose weights are closest in total, ``sum_i |mu_i - c| / sigma_i``, is taken: a lone
+    weight goes to its nearest centre, not to the most negative one in reach.
 
     The centres a weight can reach form a contiguous run of the sorted centres, found by
     two binary searches, so counting every centre's reach is a difference array: one pass
     over the free weights, ``O(n log C)``, for ``n`` weights and ``C`` centres, instead of
-    the ``n x C`` distance matrix.
+    the ``n x C`` distance matrix. The summed distances are difference arrays too, split
+    where the centres pass ``mu_i``: on each side ``|mu_i - c|`` is linear in ``c``.
     """
 
     max_order: int = 4
@@ -87,10 +90,34 @@ class WeightFixer:
         return (torch.searchsorted(self.centres, mu - radius),
                 torch.searchsorted(self.centres, mu + radius, right=True))
 
-    def _coverage(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def _coverage(self, lo: torch.Tensor, hi: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+        """For each centre ``b``, the number (or sum of ``weights``) of the weights whose
+        ``[lo, hi)`` holds ``b``."""
         size = len(self.centres) + 1
-        starts = torch.bincount(lo, minlength=size) - torch.bincount(hi, minlength=size)
+        starts = (torch.bincount(lo, weights, minlength=size)
+                  - torch.bincount(hi, weights, minlength=size))
         return starts.cumsum(0)[:-1]
+
+    def _distance(self, mu: torch.Tensor, sigma: torch.Tensor, lo: torch.Tensor,
+                  hi: torch.Tensor) -> torch.Tensor:
+        """For each centre ``c``, ``sum_i |mu_i - c| / sigma_i`` over the weights that reach
+        it, in float64. The centres in ``[lo_i, mid_i)`` lie below ``mu_i``, those in
+        ``[mid_i, hi_i)`` at or above it."""
+        mid = torch.searchsorted(self.centres, mu)
+        inverse = sigma.double().reciprocal()
+        ratio, c = mu.double() * inverse, self.centres.double()
+        below = self._coverage(lo, mid, ratio) - c * self._coverage(lo, mid, inverse)
+        above = c * self._coverage(mid, hi, inverse) - self._coverage(mid, hi, ratio)
+        return below + above
+
+    def _best(self, coverage: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+              lo: torch.Tensor, hi: torch.Tensor) -> int:
+        """The centre reaching the most weights; among ties, the one closest to them."""
+        tied = (coverage == coverage.max()).nonzero().squeeze(1)
+        if len(tied) == 1:
+            return int(tied[0])
+        return int(tied[self._distance(mu, sigma, lo, hi)[tied].argmin()])
 
     def _loosen(self) -> None:
         if self.order < self.max_order:
@@ -108,23 +135,21 @@ class WeightFixer:
         """
         if not 0 <= count <= len(mu):
             raise ValueError(f"count: expected 0..{len(mu)}, got {count}")
-        remaining = torch.arange(len(mu))
+        remaining = torch.arange(len(mu))  # positions of the free weights in mu
         taken_index, taken_value = [], []
         lo, hi = self._reach(mu, sigma)
         coverage = self._coverage(lo, hi)
         while count > 0:
-            best = int(coverage.argmax())
-            if int(coverage[best]) == 0:
+            if int(coverage.max()) == 0:
                 self._loosen()
-                lo, hi = self._reach(mu[remaining], sigma[remaining])
+                lo, hi = self._reach(mu, sigma)
                 coverage = self._coverage(lo, hi)
                 continue
-            reached = (lo <= best) & (best < hi)
-            candidates = reached.nonzero().squeeze(1)
+            best = self._best(coverage, mu, sigma, lo, hi)
+            candidates = ((lo <= best) & (best < hi)).nonzero().squeeze(1)
             centre = self.centres[best]
             if len(candidates) > count:  # closest first
-                rest = remaining[candidates]
-                distance = (mu[rest] - centre).abs() / sigma[rest]
+                distance = (mu[candidates] - centre).abs() / sigma[candidates]
                 candidates = candidates[distance.argsort(stable=True)[:count]]
             taken_index.append(remaining[candidates])
             taken_value.append(centre.expand(len(candidates)))
@@ -132,7 +157,7 @@ class WeightFixer:
             coverage -= self._coverage(lo[candidates], hi[candidates])
             keep = torch.ones(len(remaining), dtype=torch.bool)
             keep[candidates] = False
-            remaining, lo, hi = remaining[keep], lo[keep], hi[keep]
+            remaining, mu, sigma, lo, hi = (t[keep] for t in (remaining, mu, sigma, lo, hi))
         if not taken_index:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0)
         return torch.cat(taken_index), torch.cat(taken_value)
@@ -237,6 +262,7 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     scale_lr = None if scale_lr is None else _checks.above("scale_lr", scale_lr, 0.0)
     batch_size = _checks.int_in("batch_size", batch_size, 1, 1 << 30)
     resume = _checks.flag("resume", resume)
+    device = _checks.device(device)
     checkpoint = Path(checkpoint_dir) / "pwfn.pt" if checkpoint_dir is not None else None
     if resume and checkpoint is None:
         raise ValueError("resume: needs checkpoint_dir, the folder to resume from")
