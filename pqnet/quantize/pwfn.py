@@ -217,7 +217,8 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
        posterior standard deviations, with centres the signed sums of up to ``order``
        powers of two down to ``2^-7``, and zero (:func:`centres`);
     2. greedily, the centre within ``threshold`` of the most free weights takes them,
-       closest first, until the round's count is reached; when no centre is within reach
+       closest first, until the round's count is reached (of centres that reach equally
+       many, the one closest to them in summed sds); when no centre is within reach
        of any free weight, the order rises (up to ``max_order``), then the threshold widens
        by ``widen`` (:class:`WeightFixer`);
     3. fixed weights keep their value and get no more gradient (:meth:`pqnet.BNN.fix`);
