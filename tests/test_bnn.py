@@ -207,6 +207,37 @@ def test_fixed_weights_are_point_masses_with_no_kl_and_no_gradient():
         bnn.fix("net.weight", torch.ones(4, dtype=torch.bool), 0.0)
 
 
+@pytest.mark.parametrize(("site", "mask", "value", "match"), [
+    ("net.nope", [[True] * 4] * 3, 0.0, r"^site: expected one of \['net.weight', 'net.bias'\]"),
+    ("net.weight", [True] * 4, 0.0, r"^mask: expected shape \(3, 4\)"),
+    ("net.weight", [[True] * 4] * 3, torch.zeros(5),
+     r"^value: .* broadcasts to \(3, 4\), got shape \(5,\)"),
+    ("net.weight", [[True] * 4] * 3, torch.zeros(1, 3, 4), r"^value: .* got shape \(1, 3, 4\)"),
+    ("net.weight", [[False] * 4, [True] * 4, [False] * 4], torch.tensor([[0.0], [math.nan], [0.0]]),
+     "^value: the fixed weights of net.weight must be finite"),
+    ("net.weight", [[False] * 4] * 3, 0.0, "^mask: would free weights of net.weight"),
+])
+def test_a_refused_fix_names_the_argument_and_changes_nothing(site, mask, value, match):
+    bnn = pqnet.bayesian(nn.Linear(4, 3), prior="pwfn", init_scale=0.02)
+    first = torch.zeros(3, 4, dtype=torch.bool)
+    first[0, 0] = True
+    bnn.fix("net.weight", first, 0.5)
+    before = {k: v.clone() for k, v in bnn.state_dict().items()}
+    priors = [p.clone() for p in bnn.prior_parameters("net.weight")]
+    with pytest.raises(ValueError, match=match):
+        bnn.fix(site, torch.tensor(mask), value)
+    after = bnn.state_dict()
+    assert after.keys() == before.keys() and bnn.guide.fixed == {"net.weight"}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(p, q) for p, q in zip(bnn.prior_parameters("net.weight"), priors,
+                                                  strict=True))
+    value = torch.full((3, 4), math.nan)
+    value[0, 0] = 0.5  # a value outside the mask is never used: NaN there is accepted
+    bnn.fix("net.weight", first.tolist(), value)  # as is a nested list for the mask
+    assert not bool(bnn.guide.loc_of("net.weight").isnan().any())
+    assert not bool(bnn.prior_parameters("net.weight")[0].isnan().any())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

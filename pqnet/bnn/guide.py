@@ -94,17 +94,31 @@ class MeanFieldNormalGuide(nn.Module):
         self.handler: contextlib.AbstractContextManager = contextlib.nullcontext()
         self.fixed: set[str] = set()  # sites with fixed weights (buffers fixed_mask/value_*)
 
-    def fix(self, site: str, mask: torch.Tensor, value: torch.Tensor) -> None:
+    def fix(self, site: str, mask: torch.Tensor, value: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """From now on the weights of ``site`` where ``mask`` are ``value``, with scale
         :data:`FIXED_SCALE`, and their ``loc`` and ``rho`` get no gradient (a ``where``
-        selects the fixed value), so no optimiser can move them. Fixing is cumulative."""
+        selects the fixed value), so no optimiser can move them. Fixing is cumulative.
+
+        Refused before any change: an unknown site, a mask not of the site's shape, a value
+        that does not broadcast to it or is not finite where fixed, a mask that would free a
+        fixed weight. Returns the mask (bool) and the value (of the site's shape) as used."""
+        if site not in self.sites:
+            raise ValueError(f"site: expected one of {self.sites}, got {site!r}")
         key = _key(site)
         loc = self.loc[key]
-        mask = mask.to(device=loc.device, dtype=torch.bool)
+        mask = torch.as_tensor(mask).to(device=loc.device, dtype=torch.bool)
         if mask.shape != loc.shape:
             raise ValueError(f"mask: expected shape {tuple(loc.shape)} for {site}, "
                              f"got {tuple(mask.shape)}")
-        value = torch.as_tensor(value, dtype=loc.dtype, device=loc.device).expand(loc.shape)
+        value = torch.as_tensor(value, dtype=loc.dtype, device=loc.device)
+        try:
+            value = value.expand(loc.shape)
+        except RuntimeError as err:
+            raise ValueError(f"value: expected a number or a tensor that broadcasts to "
+                             f"{tuple(loc.shape)}, got shape {tuple(value.shape)}") from err
+        if not bool(torch.isfinite(value[mask]).all()):
+            raise ValueError(f"value: the fixed weights of {site} must be finite")
         if site in self.fixed:
             old = getattr(self, f"fixed_mask_{key}")
             if bool((old & ~mask).any()):
@@ -112,6 +126,7 @@ class MeanFieldNormalGuide(nn.Module):
         self.register_buffer(f"fixed_mask_{key}", mask.clone())
         self.register_buffer(f"fixed_value_{key}", torch.where(mask, value, 0).detach().clone())
         self.fixed.add(site)
+        return mask, value
 
     def fixed_mask(self, site: str) -> torch.Tensor | None:
         """The boolean mask of ``site``'s fixed weights, or ``None`` if none is fixed."""
