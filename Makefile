@@ -37,6 +37,7 @@ bench: .venv/.bench
 		--json benchmarks/quantize_lenet5.json --plot benchmarks/quantize_lenet5.png \
 		--no-progress
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/pwfn_scale.py --json benchmarks/pwfn_scale.json
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/kl_precision.py --json benchmarks/kl_precision.json
 
 # Mutation testing of the core (not part of `make test`; see TESTING.md). One mutmut run per
 # group of modules, the core first; pqnet.inference and pqnet.bnn last. Results are cached in
