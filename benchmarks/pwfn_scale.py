@@ -31,7 +31,7 @@ from torch import nn
 import pqnet
 from pqnet._io import save_json
 from pqnet.bnn import LayerInfo
-from pqnet.quantize.pwfn import SCHEDULE, WeightFixer
+from pqnet.quantize.pwfn import SCHEDULE, TIE_TOLERANCE, WeightFixer
 
 # DeiT-Tiny (Touvron et al. 2021): 16x16 patch embedding, 12 blocks of width 192, MLP 768
 DEIT_TINY = ([("patch_embed", (192, 3, 16, 16))]
@@ -73,6 +73,7 @@ def synthetic_posterior(seed: int = 0) -> pqnet.Posterior:
 def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """:meth:`WeightFixer.fix` on the dense matrix of distances (the reference)."""
+    fixer._cover(mu)
     remaining = torch.arange(len(mu))
     taken_index, taken_value = [], []
     while count > 0:
@@ -82,10 +83,11 @@ def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: 
         if int(coverage.max()) == 0:
             fixer._loosen()
             continue
-        tied = (coverage == coverage.max()).nonzero().squeeze(1)  # closest in total wins
+        tied = (coverage == coverage.max()).nonzero().squeeze(1)  # closest in total wins,
         summed = ((mu[remaining, None].double() - fixer.centres[tied].double()).abs()
                   / sigma[remaining, None].double() * reach[:, tied]).sum(0)
-        best = int(tied[summed.argmin()])
+        tied = tied[summed - summed.min() <= TIE_TOLERANCE * (1 + summed.min())]
+        best = int(tied[fixer.centres[tied].abs().argmin()])  # then the smallest |c|
         candidates = reach[:, best].nonzero().squeeze(1)
         if len(candidates) > count:
             candidates = candidates[distance[candidates, best].argsort(stable=True)[:count]]

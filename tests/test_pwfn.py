@@ -83,9 +83,10 @@ def test_the_centre_reaching_most_weights_takes_them_closest_first():
     assert fixer.order == 2
 
 
-def test_ties_go_to_the_centre_closest_to_its_weights():
+def test_ties_go_to_the_centre_closest_to_its_weights_then_to_the_smallest():
     """Among centres that reach equally many weights, the closest in summed sds wins, not
-    the most negative: a lone weight of mean 0 goes to 0, one of mean 0.1 to 1/8."""
+    the most negative: a lone weight of mean 0 goes to 0, one of mean 0.1 to 1/8; of
+    centres equally close, the smallest in magnitude, on either side of zero."""
     fixer = WeightFixer()
     assert fixer.fix(torch.tensor([0.0]), torch.tensor([0.3]), 1)[1].tolist() == [0.0]
     assert fixer.fix(torch.tensor([0.1]), torch.tensor([0.3]), 1)[1].tolist() == [0.125]
@@ -93,6 +94,16 @@ def test_ties_go_to_the_centre_closest_to_its_weights():
     # 1/4 and 1/2 each reach both weights; 1/4 is 0.55 + 0.95 sds away, 1/2 is 0.7 + 0.3
     index, value = fixer.fix(torch.tensor([0.36, 0.44]), torch.tensor([0.2, 0.2]), 2)
     assert value.tolist() == [0.5, 0.5] and fixer.order == 1
+    # between the two weights the summed distance is flat: 1/4 and 1/2 are both 0.8 sds
+    for sign in (1.0, -1.0):
+        value = fixer.fix(sign * torch.tensor([0.2, 0.6]), torch.tensor([0.5, 0.5]), 2)[1]
+        assert value.tolist() == [sign * 0.25] * 2
+    # 1/2 and -1/8 each reach 2 weights and sit on one of them, 0 sds away, but the
+    # difference arrays leave 1/2 at -1.8e-15: ties are taken up to rounding
+    mu = torch.tensor([0.5, -0.9375, -0.125, 0.16497957706451416])
+    sigma = torch.tensor([0.125, 0.5, 0.25, 0.034841138869524])
+    index, value = WeightFixer(max_order=2).fix(mu, sigma, 1)
+    assert index.tolist() == [2] and value.tolist() == [-0.125]
 
 
 def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: int):
@@ -107,7 +118,9 @@ def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: 
             continue
         counts = reach.sum(0)
         tied = (counts == counts.max()).nonzero().squeeze(1)
-        best = tied[(distance * reach)[:, tied].sum(0).argmin()]
+        summed = (distance * reach)[:, tied].sum(0)
+        tied = tied[(summed - summed.min()).abs() < 1e-9]
+        best = tied[c[tied].abs().argmin()]
         order = distance[:, best].argsort(stable=True)
         chosen = [free[i] for i in order.tolist() if reach[i, best]][:count - len(taken)]
         taken.update({i: float(fixer.centres[best]) for i in chosen})
@@ -115,18 +128,54 @@ def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: 
     return taken
 
 
-def test_the_assignment_matches_a_dense_oracle_and_is_symmetric_in_sign():
-    gen = torch.Generator().manual_seed(5)
-    for trial in range(40):
+def random_problems(gen: torch.Generator, trials: int, grid: bool):
+    """Small problems; on a grid (means k/64, sds 1/16 to 1/2) distances tie exactly."""
+    for trial in range(trials):
         n = int(torch.randint(1, 12, (1,), generator=gen))
-        mu = 0.3 * torch.randn(n, generator=gen)
-        sigma = 10 ** (-2.5 + 2 * torch.rand(n, generator=gen))
-        count = int(torch.randint(1, n + 1, (1,), generator=gen))
+        if grid:
+            mu = torch.randint(-80, 81, (n,), generator=gen) / 64
+            sigma = 2.0 ** -torch.randint(1, 5, (n,), generator=gen).float()
+        else:
+            mu = 0.3 * torch.randn(n, generator=gen)
+            sigma = 10 ** (-2.5 + 2 * torch.rand(n, generator=gen))
+        yield trial, mu, sigma, int(torch.randint(1, n + 1, (1,), generator=gen))
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_the_assignment_matches_a_dense_oracle(grid):
+    for trial, mu, sigma, count in random_problems(torch.Generator().manual_seed(5), 40, grid):
         index, value = WeightFixer(max_order=2).fix(mu, sigma, count)
         got = dict(zip(index.tolist(), value.tolist(), strict=True))
-        assert got == dense_fix(WeightFixer(max_order=2), mu, sigma, count), trial
-        index, value = WeightFixer(max_order=2).fix(-mu, sigma, count)
-        assert dict(zip(index.tolist(), (-value).tolist(), strict=True)) == got, trial
+        exponent = max(0, math.ceil(math.log2(float(mu.abs().max())))) if mu.any() else 0
+        oracle = WeightFixer(max_order=2, largest_exponent=exponent)
+        assert got == dense_fix(oracle, mu, sigma, count), trial
+
+
+def test_off_exact_ties_the_assignment_is_symmetric_in_sign():
+    for trial, mu, sigma, count in random_problems(torch.Generator().manual_seed(6), 40, False):
+        index, value = WeightFixer(max_order=2).fix(mu, sigma, count)
+        mirrored = WeightFixer(max_order=2).fix(-mu, sigma, count)
+        assert torch.equal(mirrored[0], index) and torch.equal(-mirrored[1], value), trial
+
+
+def test_the_centres_grow_to_a_mean_beyond_them_and_never_shrink():
+    """A mean that retraining moved past the largest centre gets its own power of two, not
+    a threshold widened for every later round."""
+    fixer = WeightFixer()
+    assert fixer.fix(torch.tensor([1.98]), torch.tensor([0.05]), 1)[1].tolist() == [2.0]
+    assert (fixer.order, fixer.threshold, fixer.largest_exponent) == (1, 1.0, 1)
+    assert fixer.state() == {"order": 1, "threshold": 1.0, "largest_exponent": 1}
+    assert fixer.fix(torch.tensor([-2.9]), torch.tensor([0.2]), 1)[1].tolist() == [-3.0]
+    assert (fixer.order, fixer.largest_exponent) == (2, 2)  # 3 = 2 + 1 needs order 2
+    fixer.fix(torch.tensor([0.5]), torch.tensor([0.1]), 1)
+    assert fixer.largest_exponent == 2 and float(fixer.centres.max()) == 6.0  # 4 + 2
+
+
+@pytest.mark.parametrize("mu, sigma", [([0.1, math.nan], [0.1, 0.1]),
+                                       ([0.1, 0.2], [0.1, 0.0]), ([0.1], [math.inf])])
+def test_non_finite_means_and_non_positive_sds_are_refused(mu, sigma):
+    with pytest.raises(ValueError, match="^mu, sigma: expected finite means and positive"):
+        WeightFixer().fix(torch.tensor(mu), torch.tensor(sigma), 1)
 
 
 def test_order_rises_then_threshold_widens_when_nothing_is_within_reach():

@@ -30,6 +30,9 @@ from .qnet import QuantizedLayer, QuantizedNet, weight_name
 SCHEDULE = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0)
 """PWFN's cumulative fractions of fixed weights after each round."""
 SMALLEST_EXPONENT = -7
+TIE_TOLERANCE = 1e-6
+"""Summed distances (in sds) this close, relatively and absolutely, count as tied: above the
+float64 rounding of their difference arrays, far below any difference that matters."""
 CHECKPOINT_KIND = "pwfn"
 
 
@@ -54,6 +57,18 @@ def centres(order: int, largest_exponent: int = 0,
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class _Free:
+    """The free weights: their positions, and the centres each one reaches, ``[lo, hi)``."""
+
+    index: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> _Free:
+        return _Free(self.index[keep], self.lo[keep], self.hi[keep])
+
+
 @dataclass
 class WeightFixer:
     """The assignment step of PWFN: greedy weight fixing by distance in posterior sds.
@@ -63,16 +78,22 @@ class WeightFixer:
     weights, fixes them closest first until the requested number is reached, and updates
     the counts; when no centre can take any weight it raises ``order`` (more centres,
     :func:`centres`) up to ``max_order``, then multiplies ``threshold`` by ``widen``. The
-    order and threshold only grow, across calls too: a later round never uses a tighter
-    rule than an earlier one. Among centres that reach equally many free weights, the one
-    whose weights are closest in total, ``sum_i |mu_i - c| / sigma_i``, is taken: a lone
-    weight goes to its nearest centre, not to the most negative one in reach.
+    centres reach ``2^largest_exponent``, raised whenever a free mean lies beyond it (a
+    mean that retraining moved out of range would otherwise widen the threshold for every
+    later round). The order, threshold and exponent only grow, across calls too: a later
+    round never uses a tighter rule than an earlier one.
+
+    Ties: among centres that reach equally many free weights, the one whose reached weights
+    are closest in total, ``sum_i |mu_i - c| / sigma_i`` (all of them, also when fewer are
+    taken), wins, so a lone weight goes to its nearest centre; of centres equally close
+    up to rounding, the smallest ``|c|``. The rule is symmetric in sign except for a tie
+    between ``c`` and ``-c`` themselves.
 
     The centres a weight can reach form a contiguous run of the sorted centres, found by
-    two binary searches, so counting every centre's reach is a difference array: one pass
-    over the free weights, ``O(n log C)``, for ``n`` weights and ``C`` centres, instead of
-    the ``n x C`` distance matrix. The summed distances are difference arrays too, split
-    where the centres pass ``mu_i``: on each side ``|mu_i - c|`` is linear in ``c``.
+    binary searches, so counting every centre's reach is a difference array: one pass over
+    the free weights, ``O(n log C)``, for ``n`` weights and ``C`` centres, instead of the
+    ``n x C`` distance matrix. The summed distances are difference arrays too, split where
+    the centres pass ``mu_i``: on each side ``|mu_i - c|`` is linear in ``c``.
     """
 
     max_order: int = 4
@@ -84,40 +105,49 @@ class WeightFixer:
     def __post_init__(self) -> None:
         self.centres = centres(self.order, self.largest_exponent)
 
-    def _reach(self, mu: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[lo, hi)``: the indices of the centres within ``threshold`` sds of each weight."""
-        radius = self.threshold * sigma
-        return (torch.searchsorted(self.centres, mu - radius),
-                torch.searchsorted(self.centres, mu + radius, right=True))
+    def _cover(self, mu: torch.Tensor) -> None:
+        """Raise ``largest_exponent`` to ``ceil(log2 max |mu|)`` if the centres fall short."""
+        largest = float(mu.abs().max()) if len(mu) else 0.0
+        if largest > 2.0**self.largest_exponent:
+            self.largest_exponent = math.ceil(math.log2(largest))
+            self.centres = centres(self.order, self.largest_exponent)
 
-    def _coverage(self, lo: torch.Tensor, hi: torch.Tensor,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-        """For each centre ``b``, the number (or sum of ``weights``) of the weights whose
-        ``[lo, hi)`` holds ``b``."""
+    def _free(self, index: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> _Free:
+        radius = self.threshold * sigma[index]
+        return _Free(index, torch.searchsorted(self.centres, mu[index] - radius),
+                     torch.searchsorted(self.centres, mu[index] + radius, right=True))
+
+    def _coverage(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """For each centre, the number of weights whose ``[lo, hi)`` holds it."""
         size = len(self.centres) + 1
-        starts = (torch.bincount(lo, weights, minlength=size)
-                  - torch.bincount(hi, weights, minlength=size))
+        starts = torch.bincount(lo, minlength=size) - torch.bincount(hi, minlength=size)
         return starts.cumsum(0)[:-1]
 
     def _distance(self, mu: torch.Tensor, sigma: torch.Tensor, lo: torch.Tensor,
                   hi: torch.Tensor) -> torch.Tensor:
         """For each centre ``c``, ``sum_i |mu_i - c| / sigma_i`` over the weights that reach
-        it, in float64. The centres in ``[lo_i, mid_i)`` lie below ``mu_i``, those in
-        ``[mid_i, hi_i)`` at or above it."""
-        mid = torch.searchsorted(self.centres, mu)
-        inverse = sigma.double().reciprocal()
-        ratio, c = mu.double() * inverse, self.centres.double()
-        below = self._coverage(lo, mid, ratio) - c * self._coverage(lo, mid, inverse)
-        above = c * self._coverage(mid, hi, inverse) - self._coverage(mid, hi, ratio)
-        return below + above
+        it, in float64: ``+(mu_i - c) / sigma_i`` for ``c`` in ``[lo_i, mid_i)``, below
+        ``mu_i``, and ``-(mu_i - c) / sigma_i`` in ``[mid_i, hi_i)``."""
+        mid, size = torch.searchsorted(self.centres, mu), len(self.centres) + 1
 
-    def _best(self, coverage: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-              lo: torch.Tensor, hi: torch.Tensor) -> int:
-        """The centre reaching the most weights; among ties, the one closest to them."""
+        def signed(w: torch.Tensor) -> torch.Tensor:  # +w over [lo, mid), -w over [mid, hi)
+            return (torch.bincount(lo, w, minlength=size)
+                    - 2 * torch.bincount(mid, w, minlength=size)
+                    + torch.bincount(hi, w, minlength=size)).cumsum(0)[:-1]
+
+        inverse = sigma.double().reciprocal()
+        return signed(mu.double() * inverse) - self.centres.double() * signed(inverse)
+
+    def _best(self, coverage: torch.Tensor, free: _Free, mu: torch.Tensor,
+              sigma: torch.Tensor) -> int:
+        """The centre reaching the most free weights, ties broken as the class says (the
+        distances are summed only when there is a tie: rare while many weights are free)."""
         tied = (coverage == coverage.max()).nonzero().squeeze(1)
-        if len(tied) == 1:
-            return int(tied[0])
-        return int(tied[self._distance(mu, sigma, lo, hi)[tied].argmin()])
+        if len(tied) > 1:
+            distance = self._distance(mu[free.index], sigma[free.index], free.lo, free.hi)[tied]
+            closest = float(distance.min())
+            tied = tied[distance <= closest + TIE_TOLERANCE * (1 + closest)]
+        return int(tied[self.centres[tied].abs().argmin()])
 
     def _loosen(self) -> None:
         if self.order < self.max_order:
@@ -135,35 +165,39 @@ class WeightFixer:
         """
         if not 0 <= count <= len(mu):
             raise ValueError(f"count: expected 0..{len(mu)}, got {count}")
-        remaining = torch.arange(len(mu))  # positions of the free weights in mu
+        if not bool(torch.isfinite(mu).all() & torch.isfinite(sigma).all() & (sigma > 0).all()):
+            raise ValueError("mu, sigma: expected finite means and positive, finite sds")
+        self._cover(mu)
+        free = self._free(torch.arange(len(mu)), mu, sigma)
+        coverage = self._coverage(free.lo, free.hi)
         taken_index, taken_value = [], []
-        lo, hi = self._reach(mu, sigma)
-        coverage = self._coverage(lo, hi)
         while count > 0:
             if int(coverage.max()) == 0:
                 self._loosen()
-                lo, hi = self._reach(mu, sigma)
-                coverage = self._coverage(lo, hi)
+                free = self._free(free.index, mu, sigma)
+                coverage = self._coverage(free.lo, free.hi)
                 continue
-            best = self._best(coverage, mu, sigma, lo, hi)
-            candidates = ((lo <= best) & (best < hi)).nonzero().squeeze(1)
+            best = self._best(coverage, free, mu, sigma)
+            candidates = ((free.lo <= best) & (best < free.hi)).nonzero().squeeze(1)
             centre = self.centres[best]
             if len(candidates) > count:  # closest first
-                distance = (mu[candidates] - centre).abs() / sigma[candidates]
+                taken = free.index[candidates]
+                distance = (mu[taken] - centre).abs() / sigma[taken]
                 candidates = candidates[distance.argsort(stable=True)[:count]]
-            taken_index.append(remaining[candidates])
+            taken_index.append(free.index[candidates])
             taken_value.append(centre.expand(len(candidates)))
             count -= len(candidates)
-            coverage -= self._coverage(lo[candidates], hi[candidates])
-            keep = torch.ones(len(remaining), dtype=torch.bool)
+            coverage -= self._coverage(free.lo[candidates], free.hi[candidates])
+            keep = torch.ones(len(free.index), dtype=torch.bool)
             keep[candidates] = False
-            remaining, mu, sigma, lo, hi = (t[keep] for t in (remaining, mu, sigma, lo, hi))
+            free = free.select(keep)
         if not taken_index:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0)
         return torch.cat(taken_index), torch.cat(taken_value)
 
     def state(self) -> dict:
-        return {"order": self.order, "threshold": self.threshold}
+        return {"order": self.order, "threshold": self.threshold,
+                "largest_exponent": self.largest_exponent}
 
 
 def check_schedule(schedule: object) -> tuple[float, ...]:
@@ -218,9 +252,10 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
        powers of two down to ``2^-7``, and zero (:func:`centres`);
     2. greedily, the centre within ``threshold`` of the most free weights takes them,
        closest first, until the round's count is reached (of centres that reach equally
-       many, the one closest to them in summed sds); when no centre is within reach
-       of any free weight, the order rises (up to ``max_order``), then the threshold widens
-       by ``widen`` (:class:`WeightFixer`);
+       many, the one closest to them in summed sds, then the smallest); when no centre is
+       within reach of any free weight, the order rises (up to ``max_order``), then the
+       threshold widens by ``widen``; the centres grow to the largest free mean
+       (:class:`WeightFixer`);
     3. fixed weights keep their value and get no more gradient (:meth:`pqnet.BNN.fix`);
        the free ones are retrained for ``retrain_epochs`` epochs by :func:`pqnet.fit`
        under PWFN's prior ``N(mu_0, sigma_cap^2)`` (:class:`~pqnet.bnn.priors.PWFNPrior`),
@@ -279,15 +314,13 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
     if retrain_epochs and len(schedule) > 1 and data is None:
         raise ValueError("data: PWFN retrains between rounds; pass the training data "
                          "(or retrain_epochs=0)")
-    largest = max(float(mu.abs().max()) for _, mu, _ in layers)
-    largest_exponent = max(0, math.ceil(math.log2(largest))) if largest > 0 else 0
     options = dict(schedule=list(schedule), max_order=max_order, threshold=threshold,
                    widen=widen, zero_below=zero_below, retrain_epochs=retrain_epochs, lr=lr,
                    scale_lr=scale_lr, batch_size=batch_size, kl_weight=kl_weight,
                    sigma_cap=sigma_cap, seed=seed)
 
     bnn = _bnn_from(posterior, sigma_cap)
-    fixer = WeightFixer(max_order, threshold, widen, largest_exponent)
+    fixer = WeightFixer(max_order, threshold, widen)
     total = sum(mu.numel() for _, mu, _ in layers)
     masks = {layer: torch.zeros(mu.shape, dtype=torch.bool) for layer, mu, _ in layers}
     values = {layer: torch.zeros(mu.shape) for layer, mu, _ in layers}
@@ -299,8 +332,8 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
         for layer in masks:
             bnn.fix(_site(layer), masks[layer], values[layer])
         bnn.load_state_dict(state["bnn"])
-        fixer = WeightFixer(max_order, widen=widen, largest_exponent=largest_exponent,
-                            **state["fixer"])  # the order and threshold the rounds reached
+        fixer = WeightFixer(max_order, widen=widen,
+                            **state["fixer"])  # the rule the rounds reached
 
     for r in range(len(rounds), len(schedule)):
         start = time.perf_counter()
