@@ -203,13 +203,18 @@ def test_fixed_weights_are_point_masses_with_no_kl_and_no_gradient():
         assert torch.equal(param.grad[0], torch.zeros(4)) and bool(param.grad[1:].ne(0).any())
     with pytest.raises(ValueError, match="mask: would free weights"):
         bnn.fix("net.weight", torch.zeros(3, 4, dtype=torch.bool), 0.0)
-    with pytest.raises(ValueError, match=r"mask: expected shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"mask: expected booleans of shape \(3, 4\)"):
         bnn.fix("net.weight", torch.ones(4, dtype=torch.bool), 0.0)
 
 
 @pytest.mark.parametrize(("site", "mask", "value", "match"), [
     ("net.nope", [[True] * 4] * 3, 0.0, r"^site: expected one of \['net.weight', 'net.bias'\]"),
-    ("net.weight", [True] * 4, 0.0, r"^mask: expected shape \(3, 4\)"),
+    ("net.weight", [True] * 4, 0.0, r"^mask: expected booleans of shape \(3, 4\)"),
+    ("net.weight", [[True] * 4, [True] * 3], 0.0, r"^mask: expected booleans of shape \(3, 4\)"),
+    ("net.weight", [[0.3] * 4] * 3, 0.0, r"^mask: expected booleans .* got torch.float32"),
+    ("net.weight", [[True] * 4] * 3, None, "^value: expected a number or a real tensor"),
+    ("net.weight", [[True] * 4] * 3, "0.5", "^value: expected a number or a real tensor"),
+    ("net.weight", [[True] * 4] * 3, 1 + 2j, "^value: expected real numbers .*complex64"),
     ("net.weight", [[True] * 4] * 3, torch.zeros(5),
      r"^value: .* broadcasts to \(3, 4\), got shape \(5,\)"),
     ("net.weight", [[True] * 4] * 3, torch.zeros(1, 3, 4), r"^value: .* got shape \(1, 3, 4\)"),
@@ -225,7 +230,7 @@ def test_a_refused_fix_names_the_argument_and_changes_nothing(site, mask, value,
     before = {k: v.clone() for k, v in bnn.state_dict().items()}
     priors = [p.clone() for p in bnn.prior_parameters("net.weight")]
     with pytest.raises(ValueError, match=match):
-        bnn.fix(site, torch.tensor(mask), value)
+        bnn.fix(site, mask, value)
     after = bnn.state_dict()
     assert after.keys() == before.keys() and bnn.guide.fixed == {"net.weight"}
     assert all(torch.equal(after[k], v) for k, v in before.items())

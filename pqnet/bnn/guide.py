@@ -100,32 +100,52 @@ class MeanFieldNormalGuide(nn.Module):
         :data:`FIXED_SCALE`, and their ``loc`` and ``rho`` get no gradient (a ``where``
         selects the fixed value), so no optimiser can move them. Fixing is cumulative.
 
-        Refused before any change: an unknown site, a mask not of the site's shape, a value
-        that does not broadcast to it or is not finite where fixed, a mask that would free a
-        fixed weight. Returns the mask (bool) and the value (of the site's shape) as used."""
-        if site not in self.sites:
-            raise ValueError(f"site: expected one of {self.sites}, got {site!r}")
+        Every argument is checked before any change (:meth:`_fix_arguments`). Returns the
+        mask (bool) and the value (of the site's shape) as used."""
+        mask, value = self._fix_arguments(site, mask, value)
         key = _key(site)
-        loc = self.loc[key]
-        mask = torch.as_tensor(mask).to(device=loc.device, dtype=torch.bool)
-        if mask.shape != loc.shape:
-            raise ValueError(f"mask: expected shape {tuple(loc.shape)} for {site}, "
-                             f"got {tuple(mask.shape)}")
-        value = torch.as_tensor(value, dtype=loc.dtype, device=loc.device)
-        try:
-            value = value.expand(loc.shape)
-        except RuntimeError as err:
-            raise ValueError(f"value: expected a number or a tensor that broadcasts to "
-                             f"{tuple(loc.shape)}, got shape {tuple(value.shape)}") from err
-        if not bool(torch.isfinite(value[mask]).all()):
-            raise ValueError(f"value: the fixed weights of {site} must be finite")
-        if site in self.fixed:
-            old = getattr(self, f"fixed_mask_{key}")
-            if bool((old & ~mask).any()):
-                raise ValueError(f"mask: would free weights of {site} that are fixed")
         self.register_buffer(f"fixed_mask_{key}", mask.clone())
         self.register_buffer(f"fixed_value_{key}", torch.where(mask, value, 0).detach().clone())
         self.fixed.add(site)
+        return mask, value
+
+    def _fix_arguments(self, site: str, mask: object, value: object
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mask`` as a bool tensor and ``value`` as a real one, both of the site's shape;
+        refused: an unknown site, a mask not of booleans (or 0 and 1) of that shape, a value
+        that does not broadcast to it or is not finite where fixed, a mask that would free
+        a fixed weight."""
+        if site not in self.sites:
+            raise ValueError(f"site: expected one of {self.sites}, got {site!r}")
+        loc = self.loc[_key(site)]
+        shape = tuple(loc.shape)
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"mask: expected booleans of shape {shape} for {site}: {err}"
+                             ) from err
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"value: expected a number or a real tensor for {site}: {err}"
+                             ) from err
+        if mask.shape != loc.shape or not (mask.dtype == torch.bool
+                                           or bool(((mask == 0) | (mask == 1)).all())):
+            raise ValueError(f"mask: expected booleans of shape {shape} for {site}, got "
+                             f"{mask.dtype} of shape {tuple(mask.shape)}")
+        if value.is_complex():
+            raise ValueError(f"value: expected real numbers for {site}, got {value.dtype}")
+        mask = mask.to(device=loc.device, dtype=torch.bool)
+        try:
+            value = value.to(device=loc.device, dtype=loc.dtype).expand(loc.shape)
+        except RuntimeError as err:
+            raise ValueError(f"value: expected a number or a tensor that broadcasts to "
+                             f"{shape}, got shape {tuple(value.shape)}") from err
+        if not bool(torch.isfinite(value[mask]).all()):
+            raise ValueError(f"value: the fixed weights of {site} must be finite")
+        old = self.fixed_mask(site)
+        if old is not None and bool((old & ~mask).any()):
+            raise ValueError(f"mask: would free weights of {site} that are fixed")
         return mask, value
 
     def fixed_mask(self, site: str) -> torch.Tensor | None:
