@@ -1881,6 +1881,20 @@ def test_normal_kl_per_weight_gradients_are_torchs():
     assert torch.allclose(var.grad.double(), var64.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_normal_kl_per_weight_far_from_its_prior_keeps_its_digits():
+    """Sds from 1e-6 to 30 times the prior's (a nearly fixed weight under PWFN's cap sits
+    at the low end; a form through log1p(sigma^2 / s^2 - 1) returned inf there)."""
+    from pqnet.bnn.convert import normal_kl
+
+    ratio = torch.logspace(-6, 1.5, 200)
+    loc, m, s = torch.linspace(-0.1, 0.1, 200), torch.zeros(200), torch.full((200,), 0.05)
+    var = (ratio * s).square()
+    exact = torch.distributions.kl_divergence(
+        torch.distributions.Normal(loc.double(), var.double().sqrt()),
+        torch.distributions.Normal(m.double(), s.double())).sum()
+    assert float(normal_kl(loc, var, m, s)) == pytest.approx(float(exact), rel=1e-6)
+
+
 def test_bayesian_records_each_layer_with_its_defaults_and_does_not_alias_the_callers_net():
     """Each layer's record (its path, kind, shape, fan-in: 1 for an embedding table, whose
     rows are looked up, not summed), the fan-in prior's scale sqrt(2 / fan_in), the relative

@@ -194,11 +194,13 @@ def normal_kl(loc: torch.Tensor, var: torch.Tensor, prior_loc: torch.Tensor,
     under a layer's scalar prior scale the sums come before the division: a few passes over
     the weights a step. The sums are taken in float64, as the terms nearly cancel in a large
     layer. With one prior per weight each term is written so that it does not cancel, with
-    ``d_i = sigma_i^2 / s_i^2 - 1``,
+    ``r_i = sigma_i^2 / s_i^2``,
 
-    .. math:: \\frac12\\big(d_i - \\log(1 + d_i)\\big) + \\frac{(\\mu_i - m_i)^2}{2 s_i^2},
+    .. math:: \\frac12\\big(r_i - 1 - \\log r_i\\big) + \\frac{(\\mu_i - m_i)^2}{2 s_i^2},
 
-    in float32 and summed in float64: as accurate as float64 terms at float32's cost
+    in float32 and summed in float64: ``r_i - 1`` is exact near 1 and ``log r_i`` accurate to
+    its last bit, so the term keeps its digits when ``sigma_i`` is near ``s_i``, and stays
+    finite when ``sigma_i`` is far below it; as accurate as float64 terms at float32's cost
     (``benchmarks/kl_precision.py``). A fixed weight (:meth:`BNN.fix`) has ``sigma = s``
     and ``mu = m``: its term is exactly 0.
     """
@@ -209,8 +211,8 @@ def normal_kl(loc: torch.Tensor, var: torch.Tensor, prior_loc: torch.Tensor,
         log_ratio = n * prior_scale.double().log() - 0.5 * var.log().sum(dtype=f64)
         return (log_ratio + quadratic - n / 2).to(loc.dtype)
     prior_var = prior_scale.square()
-    d = (var - prior_var) / prior_var
-    terms = 0.5 * (d - torch.log1p(d)) + (loc - prior_loc).square() / (2 * prior_var)
+    ratio = var / prior_var
+    terms = 0.5 * (ratio - 1 - ratio.log()) + (loc - prior_loc).square() / (2 * prior_var)
     return terms.sum(dtype=f64).to(loc.dtype)
 
 
