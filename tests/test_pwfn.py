@@ -541,6 +541,22 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
     assert retrain or rounds[-1]["threshold"] > rounds[-2]["threshold"]
 
 
+def test_each_retraining_runs_on_the_device_asked_for(monkeypatch):
+    """Without a GPU the device cannot be seen in the result, so the fits are watched."""
+    pwfn_module = sys.modules["pqnet.quantize.pwfn"]
+    devices, real_fit = [], pwfn_module.fit
+
+    def watched(*args, **kwargs):
+        devices.append(kwargs["device"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(pwfn_module, "fit", watched)
+    posterior = one_layer(torch.tensor([[0.25, -0.5], [0.3, 0.1]]), 1e-2)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 2), torch.tensor([0, 1] * 4))
+    pqnet.quantize(posterior, "pwfn", data=data, schedule=[0.25, 0.5, 1.0], device="cpu")
+    assert devices == [torch.device("cpu")] * 2  # after every round but the last
+
+
 def test_each_retraining_is_pqnets_fit_with_pwfns_settings():
     """Between rounds the BNN is fitted by pqnet.fit for ``retrain_epochs`` epochs at a
     constant ``lr`` (``scale_lr`` for the scales), no warm start, seeded ``seed + r``:
