@@ -169,6 +169,9 @@ def test_the_centres_grow_to_a_mean_beyond_them_and_never_shrink():
     assert (fixer.order, fixer.largest_exponent) == (2, 2)  # 3 = 2 + 1 needs order 2
     fixer.fix(torch.tensor([0.5]), torch.tensor([0.1]), 1)
     assert fixer.largest_exponent == 2 and float(fixer.centres.max()) == 6.0  # 4 + 2
+    small = WeightFixer(largest_exponent=-3)  # no free weight asks for more
+    assert small.fix(torch.zeros(0), torch.zeros(0), 0)[0].tolist() == []
+    assert small.largest_exponent == -3 and float(small.centres.max()) == 0.125
 
 
 @pytest.mark.parametrize("mu, sigma", [([0.1, math.nan], [0.1, 0.1]),
