@@ -106,6 +106,15 @@ def test_ties_go_to_the_centre_closest_to_its_weights_then_to_the_smallest():
     assert index.tolist() == [2] and value.tolist() == [-0.125]
 
 
+def test_summed_distances_within_the_tolerance_count_as_tied():
+    """TIE_TOLERANCE (1e-6) is relative and absolute: gaps below 1e-6 (1 + d) sds are ties.
+    A weight just above 3/8, sd 0.2, reaches 1/4 and 1/2 (order 1) at about 0.625 sds each."""
+    ulp = 2.0**-25  # float32's spacing at 3/8
+    for steps, centre in ((5, 0.25), (7, 0.5)):  # gaps 1.49e-6 (tied), 2.09e-6 sds
+        mu = torch.tensor([0.375 + steps * ulp])
+        assert WeightFixer().fix(mu, torch.tensor([0.2]), 1)[1].tolist() == [centre]
+
+
 def dense_fix(fixer: WeightFixer, mu: torch.Tensor, sigma: torch.Tensor, count: int):
     """The greedy rule on the full ``weights x centres`` matrix, in float64 (the oracle)."""
     free, taken = list(range(len(mu))), {}
