@@ -106,6 +106,13 @@ def test_ties_go_to_the_centre_closest_to_its_weights_then_to_the_smallest():
     assert index.tolist() == [2] and value.tolist() == [-0.125]
 
 
+def test_equally_close_weights_are_taken_in_index_order():
+    """The closest-first order is a stable sort: of 2,000 identical weights, the first 500
+    are taken (torch's unstable CPU sort reorders ties from about a thousand elements)."""
+    index, value = WeightFixer().fix(torch.full((2000,), 0.3), torch.full((2000,), 0.1), 500)
+    assert index.tolist() == list(range(500)) and value.tolist() == [0.25] * 500
+
+
 def test_summed_distances_within_the_tolerance_count_as_tied():
     """TIE_TOLERANCE (1e-6) is relative and absolute: gaps below 1e-6 (1 + d) sds are ties.
     A weight just above 3/8, sd 0.2, reaches 1/4 and 1/2 (order 1) at about 0.625 sds each."""
