@@ -4,8 +4,8 @@ Each weight's term is ``log(s/sigma) + (sigma^2 + (mu - m)^2) / (2 s^2) - 1/2``.
 in one run, for LeNet-5's 61,470 weights and DeiT-Tiny's 5,647,872:
 
 - ``pqnet``: ``pqnet.bnn.convert.normal_kl``, the terms in a form that does not cancel,
-  ``(d - log1p(d)) / 2 + (mu - m)^2 / (2 s^2)`` with ``d = sigma^2 / s^2 - 1``, in
-  float32, summed in float64;
+  ``(r - 1 - log r) / 2 + (mu - m)^2 / (2 s^2)`` with ``r = sigma^2 / s^2``, in float32,
+  summed in float64;
 - ``plain_float32``: the terms as written, in float32, summed in float64 (pqnet before);
 - ``float64``: the terms as written, in float64.
 

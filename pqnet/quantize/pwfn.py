@@ -332,8 +332,7 @@ def pwfn(posterior: Posterior, *, data: Dataset | None = None, seed: int = 0,
         for layer in masks:
             bnn.fix(_site(layer), masks[layer], values[layer])
         bnn.load_state_dict(state["bnn"])
-        fixer = WeightFixer(max_order, widen=widen,
-                            **state["fixer"])  # the rule the rounds reached
+        fixer = WeightFixer(max_order, widen=widen, **state["fixer"])  # the rule reached
 
     for r in range(len(rounds), len(schedule)):
         start = time.perf_counter()
