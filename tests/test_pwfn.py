@@ -65,6 +65,18 @@ def test_centres_are_zero_and_signed_sums_of_distinct_powers_of_two():
     assert len(centres(4)) < 2 * 255 + 1
 
 
+def test_centres_check_their_order_and_are_float32_whatever_the_default_dtype():
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="^max_order: "):
+            centres(bad)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert centres(1).dtype == torch.float32  # searchsorted needs the means' dtype
+    finally:
+        torch.set_default_dtype(previous)
+
+
 # --------------------------------------------------------------------------- assignment
 
 
