@@ -15,6 +15,8 @@ from pqnet.bnn import LayerInfo
 from pqnet.quantize import QuantizedNet
 from pqnet.quantize.pwfn import SCHEDULE, WeightFixer, centres
 
+PWFN_MODULE = sys.modules["pqnet.quantize.pwfn"]  # pqnet.quantize.pwfn is the function
+
 
 def posterior_of(means: dict[str, torch.Tensor], sigma: float, module: nn.Module
                  ) -> pqnet.Posterior:
@@ -538,7 +540,6 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
     the last round must loosen the rule further; with it, the retrained means could be
     reached by a rule tighter than the one the rounds had reached. Stopped in round 2 of
     3, the resumed run also retrains (seeded by its round) before its last round."""
-    pwfn_module = sys.modules["pqnet.quantize.pwfn"]  # pqnet.quantize.pwfn is the function
     gen = torch.Generator().manual_seed(0)
     posterior = one_layer((3 * torch.rand(2, 6, generator=gen) - 1.5) * torch.tensor(2.0), 1e-3)
     data = torch.utils.data.TensorDataset(torch.randn(32, 6, generator=gen),
@@ -548,7 +549,7 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
         options.update(schedule=[0.5, 0.75, 1.0], data=data, retrain_epochs=1, lr=0.05,
                        batch_size=8)
     whole = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "whole", **options)
-    real = pwfn_module._fix_round
+    real = PWFN_MODULE._fix_round
 
     started = []
 
@@ -558,10 +559,10 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
             raise KeyboardInterrupt
         real(*args)
 
-    monkeypatch.setattr(pwfn_module, "_fix_round", stop_in_round)
+    monkeypatch.setattr(PWFN_MODULE, "_fix_round", stop_in_round)
     with pytest.raises(KeyboardInterrupt):
         pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", **options)
-    monkeypatch.setattr(pwfn_module, "_fix_round", real)
+    monkeypatch.setattr(PWFN_MODULE, "_fix_round", real)
     resumed = pqnet.quantize(posterior, "pwfn", checkpoint_dir=tmp_path / "cut", resume=True,
                              **options)
     assert torch.equal(resumed.weights()["0.weight"], whole.weights()["0.weight"])
@@ -574,14 +575,13 @@ def test_a_run_stopped_between_rounds_resumes_with_the_rule_it_had_reached(tmp_p
 
 def test_each_retraining_runs_on_the_device_asked_for(monkeypatch):
     """Without a GPU the device cannot be seen in the result, so the fits are watched."""
-    pwfn_module = sys.modules["pqnet.quantize.pwfn"]
-    devices, real_fit = [], pwfn_module.fit
+    devices, real_fit = [], PWFN_MODULE.fit
 
     def watched(*args, **kwargs):
         devices.append(kwargs["device"])
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(pwfn_module, "fit", watched)
+    monkeypatch.setattr(PWFN_MODULE, "fit", watched)
     posterior = one_layer(torch.tensor([[0.25, -0.5], [0.3, 0.1]]), 1e-2)
     data = torch.utils.data.TensorDataset(torch.randn(8, 2), torch.tensor([0, 1] * 4))
     pqnet.quantize(posterior, "pwfn", data=data, schedule=[0.25, 0.5, 1.0], device="cpu")
@@ -627,8 +627,7 @@ def test_a_bad_device_is_named_before_any_round(monkeypatch):
     """Even where no retraining would run (one round, or none asked for)."""
     posterior = one_layer(torch.tensor([[0.25, -0.5]]), 1e-2)
     data = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
-    pwfn_module = sys.modules["pqnet.quantize.pwfn"]
-    monkeypatch.setattr(pwfn_module, "_fix_round", lambda *a: pytest.fail("a round ran"))
+    monkeypatch.setattr(PWFN_MODULE, "_fix_round", lambda *a: pytest.fail("a round ran"))
     for options in ({"schedule": [0.5, 1.0]}, {"schedule": [1.0]}, {"retrain_epochs": 0}):
         with pytest.raises(ValueError, match="^device: 'nonsense' is not a torch device"):
             pqnet.quantize(posterior, "pwfn", data=data, device="nonsense", **options)
