@@ -382,7 +382,7 @@ def test_z_scores_and_hdi_coverage_by_hand():
     assert exact
     assert hdi_coverage(post, w, prob=exact[0]) == {"0.weight": 0.4, "1.weight": 0.0}
     for bad in (1.0, 0.0, 0, True, "0.9", None, float("nan")):
-        with pytest.raises(ValueError, match="^prob: expected a probability in"):
+        with pytest.raises(ValueError, match=r"^prob: expected a number in \(0, 1\)"):
             hdi_coverage(post, w, prob=bad)
     with pytest.raises(ValueError, match="'2.weight' is not a random parameter"):
         z_scores(post, {"2.weight": torch.zeros(1)})

@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
+from .._checks import fraction
 from .._checks import positive_int as _positive_int
 from .._checks import probability_rows
 from ..bnn.convert import normal_kl
@@ -101,12 +102,6 @@ def z_scores(posterior: Posterior, weights: Weights) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_prob(prob: float) -> float:
-    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 < prob < 1:
-        raise ValueError(f"prob: expected a probability in (0, 1), got {prob!r}")
-    return float(prob)
-
-
 def hdi_coverage(posterior: Posterior, weights: Weights,
                  prob: float = HDI_PROB) -> dict[str, float]:
     """The fraction of each parameter's weights inside its ``prob`` highest-density interval.
@@ -122,7 +117,7 @@ def hdi_coverage(posterior: Posterior, weights: Weights,
     two prior sds is "covered", so a 1-bit rounding of such a layer can cover 100 % and still
     ruin the predictions. Read it with :func:`prior_movement` and the predictive checks.
     """
-    half = norm.ppf((1 + _check_prob(prob)) / 2)
+    half = norm.ppf((1 + fraction("prob", prob)) / 2)
     return {name: float((z.abs() <= half).double().mean())
             for name, z in z_scores(posterior, weights).items()}
 
