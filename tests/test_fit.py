@@ -343,6 +343,27 @@ def test_bnn_kl_is_the_sum_of_torchs_normal_kls():
     torch.testing.assert_close(bnn.kl(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_plain_svi_reestimates_batchnorm_on_the_means_in_data_order():
+    """Without a warm start BatchNorm is not frozen, so at the end its running statistics
+    are re-estimated on the posterior means, batch by batch in data order (equal-weight
+    averages, as ``update_bn``): the mean of the batch means and of the batches' unbiased
+    variances of the layer's input."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                        nn.Linear(16, 10))
+    posterior = pqnet.fit(pqnet.bayesian(net), data, epochs=1, batch_size=16, kl_weight=1,
+                          warm_start=0, progress=False)
+    assert posterior.config["batchnorm"] == "re-estimated"
+    means = posterior.module
+    with torch.no_grad():
+        chunks = means[1](data.tensors[0].flatten(1)).split(16)
+    norm = means[2]
+    torch.testing.assert_close(norm.running_mean, torch.stack(chunks).mean((0, 1)))
+    torch.testing.assert_close(norm.running_var, torch.stack([c.var(0) for c in chunks]).mean(0))
+    assert int(norm.num_batches_tracked) == 4
+
+
 def test_batchnorm_net_on_digits_with_defaults_matches_its_plain_twin(digits):
     """A conv net with BatchNorm, fitted with nothing but fit's defaults, predicts within
     2 pp of the same net trained plainly for the same epochs (Adam, cosine): its BatchNorm

@@ -225,11 +225,14 @@ def test_resume_in_process(tmp_path):
     assert again.history == checkpointed.history and again.config["resumed_from_epochs"] == [2]
     assert again.config["temperature"] == plain.config["temperature"]  # kept, not redone
     fresh = tiny_fit(epochs=3, checkpoint_dir=tmp_path / "empty", resume=True)
-    assert_same_posterior(plain, fresh) and fresh.config["resumed_from_epochs"] == []
+    assert_same_posterior(plain, fresh)
+    assert fresh.config["resumed_from_epochs"] == []
     state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
     assert (state["format"], state["version"], state["kind"], state["epoch"]) == (
         "pqnet.checkpoint", 1, "fit", 2)
-    assert_same_posterior(plain, pqnet.Posterior.load(tmp_path / CHECKPOINT_POSTERIOR))
+    last = pqnet.Posterior.load(tmp_path / CHECKPOINT_POSTERIOR)  # the last epoch's
+    assert_same_posterior(plain, last)
+    assert last.config == checkpointed.config and last.history == checkpointed.history
 
 
 def test_checkpoint_helper(tmp_path):
@@ -270,7 +273,10 @@ class LateOverflow(Dataset):
 def test_divergence_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
     bnn = pqnet.bayesian(nn.Linear(4, 1), likelihood="normal")
     with pytest.raises(DivergenceError, match=r"^fit: the ELBO became (nan|inf) at epoch 2, "
-                       r"step 1 .*the checkpoint of epoch 1 in .* is kept") as err:
+                       r"step 1 \(lr=[^)]*\); try a lower lr or a smaller init_scale; the "
+                       f"checkpoint of epoch 1 in {re.escape(str(tmp_path))} is kept: rerun "
+                       r"with resume=True and retry_lr_factor=0\.5 \(--resume "
+                       r"--retry-lr-factor 0\.5\) to continue from it at a lower lr$") as err:
         pqnet.fit(bnn, LateOverflow(), epochs=3, batch_size=16, progress=False,
                   kl_weight=1, warm_start=0, checkpoint_dir=tmp_path)
     assert (err.value.epoch, err.value.step) == (2, 1)
@@ -314,6 +320,52 @@ def test_retry_at_a_lower_learning_rate():
         tiny_fit(lr=1e12, warm_start=0, kl_weight=1, retry_lr_factor=0.5, max_retries=1)
 
 
+def test_a_retry_is_the_epoch_started_again_at_the_lower_learning_rates():
+    """lr 2^20 diverges at step 2; one retry at 2^-26 times both learning rates redoes the
+    epoch from its start, bit for bit the fit that began at lr 2^-6 (powers of two: the
+    products are exact)."""
+    retried = tiny_fit(lr=2.0**20, warm_start=0, kl_weight=1, retry_lr_factor=2.0**-26,
+                       max_retries=1)
+    plain = tiny_fit(lr=2.0**-6, warm_start=0, kl_weight=1)
+    assert retried.config["retries"] == [{"epoch": 1, "step": 2, "lr": 2.0**-6,
+                                          "scale_lr": 10 * 2.0**-6}]
+    assert_same_posterior(retried, plain)
+    untimed = [[{k: v for k, v in h.items() if k != "seconds"} for h in p.history]
+               for p in (retried, plain)]
+    assert untimed[0] == untimed[1]
+
+
+class TwoBranches(nn.Module):
+    """``a(x) + RootAtZero(b(x))``: only branch ``b``'s gradients are NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.root = nn.Linear(64, 10), nn.Linear(64, 10), RootAtZero()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.root(self.b(x))
+
+
+def test_divergence_names_the_first_nonfinite_gradient_and_what_to_do(tmp_path):
+    """The message names the first parameter whose gradient is not finite (branch a's come
+    first and are finite), and its advice fits what the call asked for."""
+    bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), TwoBranches()))
+    head = ("fit: a gradient became NaN or inf at epoch 1, step 1 (lr=0.001; first in "
+            "guide.loc.net/1/b/bias); ")
+    for kwargs, advice in [
+        ({}, "try a lower lr or a smaller init_scale; pass checkpoint_dir= to keep each "
+             "epoch's state, and retry_lr_factor= to retry an epoch at a lower lr"),
+        ({"retry_lr_factor": 0.5, "max_retries": 0},
+         "gave up after max_retries=0 retries at lower learning rates; pass checkpoint_dir= "
+         "to keep each epoch's state"),
+        ({"checkpoint_dir": tmp_path}, "try a lower lr or a smaller init_scale; no epoch "
+                                       f"completed, so {tmp_path} holds no checkpoint"),
+    ]:
+        with pytest.raises(DivergenceError) as err:
+            pqnet.fit(bnn, SMALL, epochs=1, kl_weight=1, warm_start=0, progress=False, **kwargs)
+        assert str(err.value) == head + advice
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -342,6 +394,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     state = torch.load(folder / "ckpt" / CHECKPOINT, weights_only=False)
     torch.save({**state, "version": 0}, old / CHECKPOINT)
     paths["old-ckpt"] = old
+    newer = folder / "newer-ckpt"  # written by a pqnet with one more setting
+    newer.mkdir()
+    torch.save({**state, "config": {**state["config"], "new_setting": 1}}, newer / CHECKPOINT)
+    paths["newer-ckpt"] = newer
     paths["idx"] = folder / "labels-idx1-ubyte"
     paths["idx"].write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(7))
     paths["json"] = save_json({"a": 1}, folder / "m.json", "pqnet.other", 1)
@@ -422,6 +478,9 @@ BAD_INPUT = [
         pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), SMALL, epochs=1,
         batch_size=16, lr=1e-2, progress=False, checkpoint_dir=f["ckpt"], resume=True),
      ValueError, r"^checkpoint_dir: the checkpoint's network does not match bnn"),
+    ("resume with one setting more", lambda f: _fit_small(checkpoint_dir=f["newer-ckpt"],
+                                                          resume=True, lr=1e-2), ValueError,
+     r"^checkpoint_dir: .* a different fit \(new_setting 1 there, None here\)"),
     ("truncated checkpoint", lambda f: _fit_small(checkpoint_dir=f["corrupt-ckpt"],
                                                   resume=True), ValueError,
      r"^checkpoint_dir: .*fit\.pt is not a readable pqnet checkpoint \(corrupt or truncated"),

@@ -531,8 +531,9 @@ def _divergence_advice(folder: Path | None, saved_epoch: int | None,
     else:
         head = "try a lower lr or a smaller init_scale"
     if folder is None:
-        return head + ("; pass checkpoint_dir= to keep each epoch's state, and "
-                       "retry_lr_factor= to retry an epoch at a lower lr")
+        return head + "; pass checkpoint_dir= to keep each epoch's state" + (
+            ", and retry_lr_factor= to retry an epoch at a lower lr"
+            if retry_lr_factor is None else "")
     if saved_epoch is None:
         return head + f"; no epoch completed, so {folder} holds no checkpoint"
     return head + (f"; the checkpoint of epoch {saved_epoch} in {folder} is kept: rerun with "
