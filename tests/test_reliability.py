@@ -8,11 +8,13 @@ single-threaded (``OMP_NUM_THREADS=1``) so that two runs do the same floating-po
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -29,13 +31,14 @@ from torch.utils.data import Dataset, TensorDataset
 import pqnet
 from pqnet._io import load_json, save_json
 from pqnet.cli import main
-from pqnet.inference import DivergenceError
+from pqnet.inference import DivergenceError, init_distributed
 from pqnet.inference.checkpoint import (
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from pqnet.inference.distributed import _step_health, _world
 from pqnet.inference.fit import CHECKPOINT, CHECKPOINT_POSTERIOR
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
@@ -158,7 +161,9 @@ def test_two_process_gloo_fit_matches_one_process(tmp_path, capsys):
             "--num-samples", "2", "--no-progress"]
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node=2", "-m", "pqnet", *args,
-                            "--out", str(tmp_path / "two")], env=ENV, cwd=tmp_path,
+                            "--out", str(tmp_path / "two"),
+                            "--checkpoint-dir", str(tmp_path / "two-ckpt")],
+                           env=ENV, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert main([*args, "--out", str(tmp_path / "one")]) == 0  # meanwhile, one process here
     stdout, stderr = two.communicate(timeout=300)
@@ -176,6 +181,49 @@ def test_two_process_gloo_fit_matches_one_process(tmp_path, capsys):
         assert moved > 0.01 and gap <= DDP_TOLERANCE * moved, (name, float(gap / moved))
     for a, b in zip(one.history, parallel.history, strict=True):
         assert abs(a["elbo"] - b["elbo"]) <= DDP_TOLERANCE * abs(a["elbo"])
+    rngs = load_checkpoint(tmp_path / "two-ckpt" / CHECKPOINT, "fit")["rng"]  # each process's
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+
+
+def _join_two(rank: int, folder: str, port: int) -> None:
+    """One of two processes (``torch.multiprocessing.spawn``): join the group as torchrun
+    would describe it, then check one step's health collectively; report to ``folder``."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    joined = init_distributed()
+    report = {"joined": [joined[0], joined[1], str(joined[2])],
+              "again": [*init_distributed("cpu")[:2]], "world": [*_world()],
+              "backend": torch.distributed.get_backend()}
+    inf_on_1 = math.inf if rank == 1 else 0.0
+    for name, grad in [("finite", [1.0, -2.0]), ("inf on rank 1", [1.0, inf_on_1])]:
+        p = nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor(grad)
+        report[name] = _step_health(torch.tensor(float(rank + 1)), [p], 2)
+    torch.distributed.destroy_process_group()
+    (Path(folder) / f"{rank}.json").write_text(json.dumps(report))
+
+
+def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monkeypatch):
+    """``init_distributed`` under torchrun's variables: rank, world size 2 and gloo on CPU,
+    the same answer when called again; ``_step_health`` averages the ranks' losses (1 and 2)
+    and reports a gradient that is not finite on one rank to both. Without torchrun's
+    variables, or with ``WORLD_SIZE=1``, no group is started."""
+    for size in (None, "1"):
+        if size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", size)
+        assert init_distributed() == (0, 1, torch.device("cpu"))
+        assert not torch.distributed.is_initialized()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    torch.multiprocessing.spawn(_join_two, args=(str(tmp_path), port), nprocs=2)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert report == {"joined": [rank, 2, "cpu"], "again": [rank, 2], "world": [rank, 2],
+                          "backend": "gloo", "finite": [1.5, True],
+                          "inf on rank 1": [1.5, False]}
 
 
 # --------------------------------------------------------------------------- determinism

@@ -31,9 +31,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import Dataset
 
-from .._checks import fraction
+from .._checks import fraction, probability_rows
 from .._checks import positive_int as _positive_int
-from .._checks import probability_rows
 from ..bnn.convert import normal_kl
 from ..bnn.priors import FanInPrior, NormalPrior, Prior, PWFNPrior, make_prior
 from ..inference.batching import batches
