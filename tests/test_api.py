@@ -172,6 +172,17 @@ def test_fit_logs_one_line_per_epoch_without_a_terminal(digits, caplog):
     assert "%" not in caplog.text  # formatted, not raw templates
 
 
+def test_the_temperature_line_says_whether_the_posterior_is_tempered(caplog):
+    from pqnet.inference.fit import _log_temperature
+    with caplog.at_level(logging.INFO, logger="pqnet"):
+        _log_temperature(1.0, 20)
+        _log_temperature(0.01, 30)
+    assert [r.getMessage() for r in caplog.records] == [
+        "kl_weight auto: chose 1 (the exact ELBO) by the NLL on 20 held-out training examples",
+        "kl_weight auto: chose 0.01 (a tempered posterior) by the NLL on 30 held-out training "
+        "examples"]
+
+
 # --------------------------------------------------------------------------- one of each
 
 
