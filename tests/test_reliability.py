@@ -39,7 +39,7 @@ from pqnet.inference.checkpoint import (
     set_rng_state,
 )
 from pqnet.inference.distributed import _step_health, _world
-from pqnet.inference.fit import CHECKPOINT, CHECKPOINT_POSTERIOR
+from pqnet.inference.fit import CHECKPOINT, CHECKPOINT_POSTERIOR, _broadcast
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
        "PYTHONUNBUFFERED": "1"}
@@ -193,7 +193,7 @@ def _join_two(rank: int, folder: str, port: int) -> None:
     joined = init_distributed()
     report = {"joined": [joined[0], joined[1], str(joined[2])],
               "again": [*init_distributed("cpu")[:2]], "world": [*_world()],
-              "backend": torch.distributed.get_backend()}
+              "backend": torch.distributed.get_backend(), "broadcast": _broadcast(rank + 0.5)}
     inf_on_1 = math.inf if rank == 1 else 0.0
     for name, grad in [("finite", [1.0, -2.0]), ("inf on rank 1", [1.0, inf_on_1])]:
         p = nn.Parameter(torch.zeros(2))
@@ -205,8 +205,9 @@ def _join_two(rank: int, folder: str, port: int) -> None:
 
 def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monkeypatch):
     """``init_distributed`` under torchrun's variables: rank, world size 2 and gloo on CPU,
-    the same answer when called again; ``_step_health`` averages the ranks' losses (1 and 2)
-    and reports a gradient that is not finite on one rank to both. Without torchrun's
+    the same answer when called again; process 0's choice reaches both (``_broadcast``);
+    ``_step_health`` averages the ranks' losses (1 and 2) and reports a gradient that is
+    not finite on one rank to both. Without torchrun's
     variables, or with ``WORLD_SIZE=1``, no group is started."""
     for size in (None, "1"):
         if size is None:
@@ -215,6 +216,9 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
             monkeypatch.setenv("WORLD_SIZE", size)
         assert init_distributed() == (0, 1, torch.device("cpu"))
         assert not torch.distributed.is_initialized()
+    alone = nn.Parameter(torch.zeros(1))
+    alone.grad = torch.tensor([math.nan])
+    assert _broadcast(0.25) == 0.25 and _step_health(torch.tensor(2.0), [alone], 1) == (2.0, False)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -222,7 +226,7 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
     for rank in range(2):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
         assert report == {"joined": [rank, 2, "cpu"], "again": [rank, 2], "world": [rank, 2],
-                          "backend": "gloo", "finite": [1.5, True],
+                          "backend": "gloo", "broadcast": 0.5, "finite": [1.5, True],
                           "inf on rank 1": [1.5, False]}
 
 
