@@ -343,6 +343,36 @@ def test_bnn_kl_is_the_sum_of_torchs_normal_kls():
     torch.testing.assert_close(bnn.kl(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_history_records_each_epochs_nll_kl_elbo_and_objective():
+    """Known answer: the means cannot move (lr 1e-30) and the sds stay below 3e-5, so the
+    expected NLL is the NLL at the means, while the scales' Adam steps (constant lr) move
+    the KL by the same amount every step. ``nll`` is the epoch's mean loss less the KL term
+    averaged from the epoch's two ends; each step's loss carries the KL before its step, so
+    over S steps that average is ``beta (KL_before - KL_after) / (2 S)`` off, here exactly.
+    Then ``elbo = -(N nll + kl)`` and ``objective = -(N nll + beta kl)``."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
+    bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), init_scale=1e-6)
+    with torch.no_grad():
+        kl_before = float(bnn.kl())
+    beta, steps = 0.5, 16
+    posterior = pqnet.fit(bnn, data, epochs=2, batch_size=64 // steps, lr=1e-30, scale_lr=0.1,
+                          kl_weight=beta, warm_start=0, lr_schedule="constant",
+                          progress=False)
+    assert posterior.config["initial_scales"] == "init_scale of bayesian()"
+    with torch.no_grad():
+        at_means = float(nn.functional.cross_entropy(
+            posterior.module(data.tensors[0]), data.tensors[1], reduction="sum"))
+    for h in posterior.history:
+        assert h["kl"] < kl_before - 1000  # the scales grew
+        bias = beta * (kl_before - h["kl"]) / (2 * steps)
+        assert h["nll"] * 64 == pytest.approx(at_means + bias, abs=0.05)
+        assert h["elbo"] == pytest.approx(-(h["nll"] * 64 + h["kl"]), rel=1e-12)
+        assert h["objective"] == pytest.approx(-(h["nll"] * 64 + beta * h["kl"]), rel=1e-12)
+        assert h["kl_weight"] == beta
+        kl_before = h["kl"]
+
+
 def test_plain_svi_reestimates_batchnorm_on_the_means_in_data_order():
     """Without a warm start BatchNorm is not frozen, so at the end its running statistics
     are re-estimated on the posterior means, batch by batch in data order (equal-weight
