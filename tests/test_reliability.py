@@ -480,6 +480,42 @@ class NaNLater(Dataset):
         return (x * math.nan if i == 280 else x), y
 
 
+class FloatLabelsLater(Dataset):
+    """Examples from 256 on have float labels: beyond what fit checks up front, a batch
+    that holds one has float labels (collation promotes)."""
+
+    def __len__(self):
+        return 300
+
+    def __getitem__(self, i):
+        x, y = SMALL[i % len(SMALL)]
+        return x, (y.float() if i >= 256 else y)
+
+
+class Recorded(Dataset):
+    """SMALL, remembering which examples were read, in order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __len__(self):
+        return len(SMALL)
+
+    def __getitem__(self, i):
+        self.seen.append(i)
+        return SMALL[i]
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_random_order():
+    data = Recorded()
+    bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    pqnet.fit(bnn, data, epochs=2, batch_size=8, kl_weight=1, warm_start=0, progress=False)
+    epochs = [data.seen[-128:-64], data.seen[-64:]]  # the last two passes: the two epochs
+    for order in epochs:
+        assert sorted(order) == list(range(64)) and order != sorted(order)
+    assert epochs[0] != epochs[1]
+
+
 BAD_INPUT = [
     # (id, call, exception, message pattern: it starts with the argument's name)
     ("bnn", lambda f: pqnet.fit(nn.Linear(2, 2), SMALL), TypeError, r"^bnn: expected a pqnet"),
@@ -495,6 +531,10 @@ BAD_INPUT = [
     ("NaN in a later batch", lambda f: pqnet.fit(tiny_bnn(), NaNLater(), epochs=1,
                                                  batch_size=32, progress=False), ValueError,
      r"^train_dataset: inputs contain NaN or inf"),
+    ("float labels in a later batch", lambda f: pqnet.fit(  # SVI's own check, no Fisher pass
+        tiny_bnn(), FloatLabelsLater(), epochs=1, batch_size=32, kl_weight=1, warm_start=0,
+        progress=False), ValueError,
+     r"^train_dataset: class labels must be a 1-d integer tensor, got torch\.float32"),
     ("labels out of range", lambda f: pqnet.fit(tiny_bnn(), TensorDataset(
         torch.randn(8, 1, 8, 8), torch.full((8,), -1))), ValueError,
      r"^train_dataset: labels must lie in \[0, 10\)"),
