@@ -1,8 +1,10 @@
 """The notebook user's API: what predict/evaluate accept, modes left alone, posterior-predictive
 draws, short reprs, named errors and the fit's log."""
 
+import io
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -170,6 +172,23 @@ def test_fit_logs_one_line_per_epoch_without_a_terminal(digits, caplog):
         + ("the exact ELBO" if beta == 1 else "a tempered posterior")
         + ") by the NLL on 20 held-out training examples"]
     assert "%" not in caplog.text  # formatted, not raw templates
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_fit_shows_a_progress_bar_with_the_stage_epoch_and_running_loss(monkeypatch):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
+              epochs=2, batch_size=16)  # progress=True: 4 warm-start steps, 4 of SVI
+    frames = screen.getvalue().split("\r")
+    assert any(f.startswith("warm start:") for f in frames)
+    assert re.fullmatch(r"SVI: 100%\|#+\| 8/8 \[.*, epoch=2, loss=-?\d[\d.e+]*\]\n", frames[-1])
 
 
 def test_the_temperature_line_says_whether_the_posterior_is_tempered(caplog):

@@ -184,9 +184,7 @@ class _Stage:
             if self.checked_every_batch:
                 check_batch(self.bnn.likelihood.kind, x, y, "train_dataset")
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(x, y, dataset_size=self.n)
-            if weight != 1.0:
-                loss = loss * weight
+            loss = self.loss(x, y, dataset_size=self.n) * weight  # c_r (1.0 in one process)
             loss.backward()
             value, grads_finite = _step_health(loss, self.params, self.world_size)
             if not (math.isfinite(value) and grads_finite):
