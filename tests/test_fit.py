@@ -360,6 +360,7 @@ def test_history_records_each_epochs_nll_kl_elbo_and_objective():
                           kl_weight=beta, warm_start=0, lr_schedule="constant",
                           progress=False)
     assert posterior.config["initial_scales"] == "init_scale of bayesian()"
+    assert posterior.config["warm_start_record"] == {"epochs": 0, "nll": [], "seconds": 0.0}
     with torch.no_grad():
         at_means = float(nn.functional.cross_entropy(
             posterior.module(data.tensors[0]), data.tensors[1], reduction="sum"))

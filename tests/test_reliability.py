@@ -185,6 +185,13 @@ def test_two_process_gloo_fit_matches_one_process(tmp_path, capsys):
     assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
+def _recipe_fit() -> pqnet.Posterior:
+    """The default recipe (a warm start, the KL weight chosen on validation) on SMALL."""
+    torch.manual_seed(0)
+    bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    return pqnet.fit(bnn, SMALL, epochs=2, batch_size=16, progress=False)
+
+
 def _join_two(rank: int, folder: str, port: int) -> None:
     """One of two processes (``torch.multiprocessing.spawn``): join the group as torchrun
     would describe it, then check one step's health collectively; report to ``folder``."""
@@ -199,6 +206,11 @@ def _join_two(rank: int, folder: str, port: int) -> None:
         p = nn.Parameter(torch.zeros(2))
         p.grad = torch.tensor(grad)
         report[name] = _step_health(torch.tensor(float(rank + 1)), [p], 2)
+    posterior = _recipe_fit()
+    report["fit"] = {"kl_weight": posterior.config["kl_weight"],
+                     "warm_start_nll": posterior.config["warm_start_record"]["nll"],
+                     "val_nll": posterior.config["temperature"]["val_nll"],
+                     "loc": [v.tolist() for v in posterior.loc.values()]}
     torch.distributed.destroy_process_group()
     (Path(folder) / f"{rank}.json").write_text(json.dumps(report))
 
@@ -207,7 +219,8 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
     """``init_distributed`` under torchrun's variables: rank, world size 2 and gloo on CPU,
     the same answer when called again; process 0's choice reaches both (``_broadcast``);
     ``_step_health`` averages the ranks' losses (1 and 2) and reports a gradient that is
-    not finite on one rank to both. Without torchrun's
+    not finite on one rank to both; the default recipe (warm start, KL weight chosen on
+    validation) trains data-parallel. Without torchrun's
     variables, or with ``WORLD_SIZE=1``, no group is started."""
     for size in (None, "1"):
         if size is None:
@@ -219,15 +232,31 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
     alone = nn.Parameter(torch.zeros(1))
     alone.grad = torch.tensor([math.nan])
     assert _broadcast(0.25) == 0.25 and _step_health(torch.tensor(2.0), [alone], 1) == (2.0, False)
+    alone = nn.Parameter(torch.zeros(2))
+    alone.grad = torch.tensor([3e38, 3e38])  # finite, though its 2-norm is not
+    assert _step_health(torch.tensor(2.0), [alone], 1) == (2.0, True)
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     torch.multiprocessing.spawn(_join_two, args=(str(tmp_path), port), nprocs=2)
+    one = _recipe_fit().config
+    fits = []
     for rank in range(2):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
+        fits.append(report.pop("fit"))
         assert report == {"joined": [rank, 2, "cpu"], "again": [rank, 2], "world": [rank, 2],
                           "backend": "gloo", "broadcast": 0.5, "finite": [1.5, True],
                           "inf on rank 1": [1.5, False]}
+    # the default recipe data-parallel: every process ends with the same posterior; the warm
+    # start (no weight draws) and the temperature's validation NLLs are one process's up to
+    # rounding, and so is the KL weight chosen
+    assert fits[0] == fits[1]
+    assert fits[0]["kl_weight"] == one["kl_weight"]
+    record = one["warm_start_record"]
+    assert record.keys() == {"epochs", "nll", "seconds"} and record["epochs"] == 1
+    assert len(record["nll"]) == 1 and record["seconds"] > 0
+    assert fits[0]["warm_start_nll"] == pytest.approx(one["warm_start_record"]["nll"], rel=1e-5)
+    assert fits[0]["val_nll"] == pytest.approx(one["temperature"]["val_nll"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------- determinism
