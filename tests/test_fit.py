@@ -374,6 +374,20 @@ def test_history_records_each_epochs_nll_kl_elbo_and_objective():
         kl_before = h["kl"]
 
 
+def test_the_warm_start_records_its_mean_nll_per_example():
+    """Known answer: with the means held still (lr 1e-30) the warm start's epoch has the
+    NLL per example of the initial network (no weight draws in the warm start)."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        initial = float(nn.functional.cross_entropy(net(data.tensors[0]), data.tensors[1]))
+    posterior = pqnet.fit(pqnet.bayesian(net), data, epochs=2, warm_start=1, kl_weight=1,
+                          batch_size=16, lr=1e-30, progress=False)
+    record = posterior.config["warm_start_record"]
+    assert record["epochs"] == 1 and record["nll"] == [pytest.approx(initial, rel=1e-6)]
+
+
 def test_plain_svi_reestimates_batchnorm_on_the_means_in_data_order():
     """Without a warm start BatchNorm is not frozen, so at the end its running statistics
     are re-estimated on the posterior means, batch by batch in data order (equal-weight
