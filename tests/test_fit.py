@@ -361,6 +361,7 @@ def test_history_records_each_epochs_nll_kl_elbo_and_objective():
                           progress=False)
     assert posterior.config["initial_scales"] == "init_scale of bayesian()"
     assert posterior.config["warm_start_record"] == {"epochs": 0, "nll": [], "seconds": 0.0}
+    assert posterior.config["batchnorm"] == "none"
     with torch.no_grad():
         at_means = float(nn.functional.cross_entropy(
             posterior.module(data.tensors[0]), data.tensors[1], reduction="sum"))
@@ -388,6 +389,23 @@ def test_the_warm_start_records_its_mean_nll_per_example():
     assert record["epochs"] == 1 and record["nll"] == [pytest.approx(initial, rel=1e-6)]
 
 
+def test_the_validation_part_is_stratified_by_class_and_only_for_classes():
+    """40 examples, 4 of each of 10 values: class labels hold out one of each class (10),
+    though 10 % of 40 is 4; regression targets with the same values are not classes, so 4
+    are held out at random."""
+    x = torch.randn(40, 8)
+    y = torch.arange(40) % 10
+    val_sizes = []
+    for likelihood, targets in [("categorical", y), ("normal", y.float()[:, None])]:
+        torch.manual_seed(0)
+        bnn = pqnet.bayesian(nn.Linear(8, 10 if likelihood == "categorical" else 1),
+                             likelihood=likelihood)
+        posterior = pqnet.fit(bnn, TensorDataset(x, targets), epochs=2, batch_size=8,
+                              progress=False)
+        val_sizes.append(posterior.config["temperature"]["val_size"])
+    assert val_sizes == [10, 4]
+
+
 def test_plain_svi_reestimates_batchnorm_on_the_means_in_data_order():
     """Without a warm start BatchNorm is not frozen, so at the end its running statistics
     are re-estimated on the posterior means, batch by batch in data order (equal-weight
@@ -407,6 +425,9 @@ def test_plain_svi_reestimates_batchnorm_on_the_means_in_data_order():
     torch.testing.assert_close(norm.running_mean, torch.stack(chunks).mean((0, 1)))
     torch.testing.assert_close(norm.running_var, torch.stack([c.var(0) for c in chunks]).mean(0))
     assert int(norm.num_batches_tracked) == 4
+    warmed = pqnet.fit(pqnet.bayesian(net), data, epochs=2, batch_size=16, kl_weight=1,
+                       warm_start=1, progress=False)  # one warm-start epoch freezes it
+    assert warmed.config["batchnorm"] == "frozen"
 
 
 def test_batchnorm_net_on_digits_with_defaults_matches_its_plain_twin(digits):
