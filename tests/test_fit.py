@@ -403,6 +403,8 @@ def test_the_validation_part_is_stratified_by_class_and_only_for_classes():
         posterior = pqnet.fit(bnn, TensorDataset(x, targets), epochs=2, batch_size=8,
                               progress=False)
         val_sizes.append(posterior.config["temperature"]["val_size"])
+        assert posterior.config["initial_scales"] == ("tempered empirical-Fisher diagonal at "
+                                                      "the warm start")
     assert val_sizes == [10, 4]
 
 
@@ -428,6 +430,9 @@ def test_plain_svi_reestimates_batchnorm_on_the_means_in_data_order():
     warmed = pqnet.fit(pqnet.bayesian(net), data, epochs=2, batch_size=16, kl_weight=1,
                        warm_start=1, progress=False)  # one warm-start epoch freezes it
     assert warmed.config["batchnorm"] == "frozen"
+    chosen = pqnet.fit(pqnet.bayesian(net), data, epochs=1, batch_size=16, warm_start=0,
+                       progress=False)  # the KL weight chosen with statistics of the means
+    assert chosen.config["batchnorm"] == "re-estimated" and chosen.config["temperature"]
 
 
 def test_batchnorm_net_on_digits_with_defaults_matches_its_plain_twin(digits):
