@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -366,13 +367,37 @@ def test_history_records_each_epochs_nll_kl_elbo_and_objective():
         at_means = float(nn.functional.cross_entropy(
             posterior.module(data.tensors[0]), data.tensors[1], reduction="sum"))
     for h in posterior.history:
-        assert h["kl"] < kl_before - 1000  # the scales grew
+        # Adam's steps on rho are scale_lr each (the KL's gradient keeps its sign) and the KL
+        # is -sum(rho) + const while softplus(rho) ~ exp(rho): 650 weights x 0.1 x 16 steps
+        assert kl_before - h["kl"] == pytest.approx(650 * 0.1 * steps, rel=1e-5)
         bias = beta * (kl_before - h["kl"]) / (2 * steps)
         assert h["nll"] * 64 == pytest.approx(at_means + bias, abs=0.01)
         assert h["elbo"] == pytest.approx(-(h["nll"] * 64 + h["kl"]), rel=1e-12)
         assert h["objective"] == pytest.approx(-(h["nll"] * 64 + beta * h["kl"]), rel=1e-12)
         assert h["kl_weight"] == beta
         kl_before = h["kl"]
+
+
+def test_the_scales_step_under_the_cosine_schedule_with_every_particle():
+    """The same known answer as above under the default cosine schedule: step ``s`` of
+    ``T = 32`` moves the KL by ``650 x 0.1 x (1 + cos(pi s / T)) / 2``. ``num_particles``
+    reaches the ELBO: two particles give other scales than one (the means cannot move)."""
+    fits = []
+    for particles in (1, 2):
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
+        bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), init_scale=1e-6)
+        with torch.no_grad():
+            kls = [float(bnn.kl())]
+        fits.append(pqnet.fit(bnn, data, epochs=2, batch_size=4, lr=1e-30, scale_lr=0.1,
+                              kl_weight=0.5, warm_start=0, num_particles=particles,
+                              progress=False))
+        kls += [h["kl"] for h in fits[-1].history]
+        factor = [(1 + math.cos(math.pi * s / 32)) / 2 for s in range(32)]
+        assert [a - b for a, b in zip(kls[:-1], kls[1:], strict=True)] == pytest.approx(
+            [65 * sum(factor[:16]), 65 * sum(factor[16:])], rel=1e-5)
+    assert not torch.equal(fits[0].scale["1.weight"], fits[1].scale["1.weight"])
+    assert fits[1].config["num_particles"] == 2
 
 
 def test_the_warm_start_records_its_mean_nll_per_example():
