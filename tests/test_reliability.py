@@ -363,6 +363,12 @@ def test_divergence_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert (err.value.epoch, err.value.step) == (2, 1)
     assert load_checkpoint(tmp_path / CHECKPOINT, "fit")["epoch"] == 1
     assert len(pqnet.Posterior.load(tmp_path / CHECKPOINT_POSTERIOR).history) == 1
+    late_at_once = LateOverflow()
+    late_at_once.reads = len(late_at_once)  # the first epoch after the resume overflows
+    with pytest.raises(DivergenceError, match=r"at epoch 2, step 1 .*; the checkpoint of "
+                       "epoch 1 in .* is kept"):  # the one resumed from
+        pqnet.fit(bnn, late_at_once, epochs=3, batch_size=16, progress=False, kl_weight=1,
+                  warm_start=0, checkpoint_dir=tmp_path, resume=True)
 
 
 class RootAtZero(nn.Module):
