@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -357,9 +358,11 @@ def test_history_records_each_epochs_nll_kl_elbo_and_objective():
     with torch.no_grad():
         kl_before = float(bnn.kl())
     beta, steps = 0.5, 16
+    began = time.perf_counter()
     posterior = pqnet.fit(bnn, data, epochs=2, batch_size=64 // steps, lr=1e-30, scale_lr=0.1,
                           kl_weight=beta, warm_start=0, lr_schedule="constant",
                           progress=False)
+    wall = time.perf_counter() - began
     assert posterior.config["initial_scales"] == "init_scale of bayesian()"
     assert posterior.config["warm_start_record"] == {"epochs": 0, "nll": [], "seconds": 0.0}
     assert posterior.config["batchnorm"] == "none"
@@ -374,7 +377,7 @@ def test_history_records_each_epochs_nll_kl_elbo_and_objective():
         assert h["nll"] * 64 == pytest.approx(at_means + bias, abs=0.01)
         assert h["elbo"] == pytest.approx(-(h["nll"] * 64 + h["kl"]), rel=1e-12)
         assert h["objective"] == pytest.approx(-(h["nll"] * 64 + beta * h["kl"]), rel=1e-12)
-        assert h["kl_weight"] == beta
+        assert h["kl_weight"] == beta and 0 < h["seconds"] < wall
         kl_before = h["kl"]
 
 

@@ -351,6 +351,37 @@ class LateOverflow(Dataset):
         return self.x[i], self.y[i] * 1e25 if late else self.y[i]
 
 
+class OneBadBatch(LateOverflow):
+    """The fourth batch (of 16) of the second epoch overflows, once: a glitch that a retry
+    gets past. ``glitch=False``: the same data without it."""
+
+    def __init__(self, glitch: bool = True) -> None:
+        super().__init__()
+        self.glitch = glitch
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += 1  # once to check the data, then once an epoch
+        bad = self.glitch and 2 * len(self.x) + 48 < self.reads <= 2 * len(self.x) + 64
+        return self.x[i], self.y[i] * 1e25 if bad else self.y[i]
+
+
+def test_a_retry_redoes_its_epoch_from_the_epochs_start():
+    """A divergence at step 4 of epoch 2 goes back to the end of epoch 1 (not to step 3's
+    state), with a learning rate 2^-20 lower: the fit ends where the fit without the glitch
+    does, up to that change."""
+    fits = []
+    for data, retry in [(OneBadBatch(glitch=False), None), (OneBadBatch(), 1 - 2.0**-20)]:
+        torch.manual_seed(0)
+        fits.append(pqnet.fit(pqnet.bayesian(nn.Linear(4, 1), likelihood="normal"), data,
+                              epochs=3, batch_size=16, kl_weight=1, warm_start=0,
+                              retry_lr_factor=retry, progress=False))
+    clean, retried = fits
+    assert [(r["epoch"], r["step"]) for r in retried.config["retries"]] == [(2, 4)]
+    for name in clean.names:
+        torch.testing.assert_close(retried.loc[name], clean.loc[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(retried.scale[name], clean.scale[name], rtol=1e-4, atol=0)
+
+
 def test_divergence_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
     bnn = pqnet.bayesian(nn.Linear(4, 1), likelihood="normal")
     with pytest.raises(DivergenceError, match=r"^fit: the ELBO became (nan|inf) at epoch 2, "
