@@ -180,15 +180,20 @@ class _Terminal(io.StringIO):
 
 
 def test_fit_shows_a_progress_bar_with_the_stage_epoch_and_running_loss(monkeypatch):
+    """Its length: the warm start's steps on the data less the validation part (58 of 64
+    examples, 6 batches of 10) and SVI's on all of it (7); without a validation part, 7
+    and 7."""
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
-    screen = _Terminal()
-    monkeypatch.setattr(sys, "stderr", screen)
-    pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
-              epochs=2, batch_size=16)  # progress=True: 4 warm-start steps, 4 of SVI
-    frames = screen.getvalue().split("\r")
-    assert any(f.startswith("warm start:") for f in frames)
-    assert re.fullmatch(r"SVI: 100%\|#+\| 8/8 \[.*, epoch=2, loss=-?\d[\d.e+]*\]\n", frames[-1])
+    for kl_weight, steps in [("auto", 13), (1, 14)]:
+        screen = _Terminal()
+        monkeypatch.setattr(sys, "stderr", screen)
+        pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
+                  epochs=2, batch_size=10, kl_weight=kl_weight)  # progress=True
+        frames = screen.getvalue().split("\r")
+        assert any(f.startswith("warm start:") for f in frames)
+        assert re.fullmatch(rf"SVI: 100%\|#+\| {steps}/{steps} \[.*, epoch=2, "
+                            r"loss=-?\d[\d.e+]*\] *\n", frames[-1])
 
 
 def test_the_temperature_line_says_whether_the_posterior_is_tempered(caplog):

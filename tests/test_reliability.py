@@ -629,7 +629,8 @@ BAD_INPUT = [
      r"^checkpoint_dir: .* already holds a fit's checkpoint .*pass resume=True"),
     ("resume other settings", lambda f: _fit_small(checkpoint_dir=f["ckpt"], resume=True,
                                                    lr=0.5), ValueError,
-     r"^checkpoint_dir: .* a different fit \(lr 0\.01 there, 0\.5 here\)"),
+     r"^checkpoint_dir: .*ckpt[/\\]fit\.pt is the checkpoint of a different fit \(lr 0\.01 "
+     r"there, 0\.5 here\)"),
     ("resume other data", lambda f: pqnet.fit(
         tiny_bnn(), TensorDataset(SMALL.tensors[0][:32], SMALL.tensors[1][:32]), epochs=1,
         batch_size=16, lr=1e-2, progress=False, checkpoint_dir=f["ckpt"], resume=True),
