@@ -403,6 +403,24 @@ def test_the_scales_step_under_the_cosine_schedule_with_every_particle():
     assert fits[1].config["num_particles"] == 2
 
 
+def test_the_defaults_are_the_documented_recipe():
+    """What a user gets without settings (the README's recipe): 10 epochs, half of them a
+    warm start, batches of 64, Adam at 1e-3 (scales at 1e-2), one particle, the KL weight
+    chosen on 10 % held out, a cosine schedule, no KL warm-up, no retries unless asked."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
+    config = pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
+                       progress=False).config
+    assert {k: config[k] for k in (
+        "epochs", "warm_start", "batch_size", "lr", "scale_lr", "seed", "num_particles",
+        "kl_weight_asked", "val_fraction", "warmup_epochs", "lr_schedule", "retry_lr_factor",
+        "max_retries", "device")} == {
+        "epochs": 10, "warm_start": 5, "batch_size": 64, "lr": 1e-3, "scale_lr": 1e-2,
+        "seed": 0, "num_particles": 1, "kl_weight_asked": "auto", "val_fraction": 0.1,
+        "warmup_epochs": 0, "lr_schedule": "cosine", "retry_lr_factor": None,
+        "max_retries": 3, "device": "cpu"}
+
+
 def test_the_warm_start_records_its_mean_nll_per_example():
     """Known answer: with the means held still (lr 1e-30) the warm start's epoch has the
     NLL per example of the initial network (no weight draws in the warm start)."""
