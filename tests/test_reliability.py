@@ -575,13 +575,16 @@ class Recorded(Dataset):
 
 
 def test_each_epoch_visits_every_example_once_in_a_new_random_order():
-    data = Recorded()
-    bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
-    pqnet.fit(bnn, data, epochs=2, batch_size=8, kl_weight=1, warm_start=0, progress=False)
-    epochs = [data.seen[-128:-64], data.seen[-64:]]  # the last two passes: the two epochs
-    for order in epochs:
-        assert sorted(order) == list(range(64)) and order != sorted(order)
-    assert epochs[0] != epochs[1]
+    """Also with batches of one example (as many as one process needs)."""
+    for batch_size in (8, 1):
+        data = Recorded()
+        bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+        pqnet.fit(bnn, data, epochs=2, batch_size=batch_size, kl_weight=1, warm_start=0,
+                  progress=False)
+        epochs = [data.seen[-128:-64], data.seen[-64:]]  # the last two passes: the epochs
+        for order in epochs:
+            assert sorted(order) == list(range(64)) and order != sorted(order)
+        assert epochs[0] != epochs[1]
 
 
 BAD_INPUT = [
