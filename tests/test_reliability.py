@@ -161,9 +161,7 @@ def test_two_process_gloo_fit_matches_one_process(tmp_path, capsys):
             "--num-samples", "2", "--no-progress"]
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node=2", "-m", "pqnet", *args,
-                            "--out", str(tmp_path / "two"),
-                            "--checkpoint-dir", str(tmp_path / "two-ckpt")],
-                           env=ENV, cwd=tmp_path,
+                            "--out", str(tmp_path / "two")], env=ENV, cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert main([*args, "--out", str(tmp_path / "one")]) == 0  # meanwhile, one process here
     stdout, stderr = two.communicate(timeout=300)
@@ -181,15 +179,14 @@ def test_two_process_gloo_fit_matches_one_process(tmp_path, capsys):
         assert moved > 0.01 and gap <= DDP_TOLERANCE * moved, (name, float(gap / moved))
     for a, b in zip(one.history, parallel.history, strict=True):
         assert abs(a["elbo"] - b["elbo"]) <= DDP_TOLERANCE * abs(a["elbo"])
-    rngs = load_checkpoint(tmp_path / "two-ckpt" / CHECKPOINT, "fit")["rng"]  # each process's
-    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
-def _recipe_fit() -> pqnet.Posterior:
+def _recipe_fit(checkpoint_dir: Path | None = None) -> pqnet.Posterior:
     """The default recipe (a warm start, the KL weight chosen on validation) on SMALL."""
     torch.manual_seed(0)
     bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
-    return pqnet.fit(bnn, SMALL, epochs=2, batch_size=16, progress=False)
+    return pqnet.fit(bnn, SMALL, epochs=2, batch_size=16, progress=False,
+                     checkpoint_dir=checkpoint_dir)
 
 
 def _join_two(rank: int, folder: str, port: int) -> None:
@@ -206,7 +203,7 @@ def _join_two(rank: int, folder: str, port: int) -> None:
         p = nn.Parameter(torch.zeros(2))
         p.grad = torch.tensor(grad)
         report[name] = _step_health(torch.tensor(float(rank + 1)), [p], 2)
-    posterior = _recipe_fit()
+    posterior = _recipe_fit(Path(folder) / "ckpt")
     report["fit"] = {"kl_weight": posterior.config["kl_weight"],
                      "warm_start_nll": posterior.config["warm_start_record"]["nll"],
                      "val_nll": posterior.config["temperature"]["val_nll"],
@@ -220,8 +217,8 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
     the same answer when called again; process 0's choice reaches both (``_broadcast``);
     ``_step_health`` averages the ranks' losses (1 and 2) and reports a gradient that is
     not finite on one rank to both; the default recipe (warm start, KL weight chosen on
-    validation) trains data-parallel. Without torchrun's
-    variables, or with ``WORLD_SIZE=1``, no group is started."""
+    validation) trains data-parallel, and its checkpoint keeps both processes' generators.
+    Without torchrun's variables, or with ``WORLD_SIZE=1``, no group is started."""
     for size in (None, "1"):
         if size is None:
             monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -251,6 +248,8 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
     # start (no weight draws) and the temperature's validation NLLs are one process's up to
     # rounding, and so is the KL weight chosen
     assert fits[0] == fits[1]
+    rngs = load_checkpoint(tmp_path / "ckpt" / CHECKPOINT, "fit")["rng"]  # each process's
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
     assert fits[0]["kl_weight"] == one["kl_weight"]
     record = one["warm_start_record"]
     assert record.keys() == {"epochs", "nll", "seconds"} and record["epochs"] == 1
