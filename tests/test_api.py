@@ -192,8 +192,13 @@ def test_fit_shows_a_progress_bar_with_the_stage_epoch_and_running_loss(monkeypa
                   epochs=2, batch_size=10, kl_weight=kl_weight)  # progress=True
         frames = screen.getvalue().split("\r")
         assert any(f.startswith("warm start:") for f in frames)
-        assert re.fullmatch(rf"SVI: 100%\|#+\| {steps}/{steps} \[.*, epoch=2, "
-                            r"loss=-?\d[\d.e+]*\] *\n", frames[-1])
+        assert re.fullmatch(rf"SVI: 100%\|#+\| {steps}/{steps} \[[\d:<]+, [\d.]+"
+                            r"(step/s|s/step), epoch=2, loss=-?\d[\d.e+]*\] *\n", frames[-1])
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
+              epochs=2, batch_size=10, progress=False)
+    assert quiet.getvalue() == ""
 
 
 def test_the_temperature_line_says_whether_the_posterior_is_tempered(caplog):

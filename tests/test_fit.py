@@ -409,8 +409,10 @@ def test_the_defaults_are_the_documented_recipe():
     chosen on 10 % held out, a cosine schedule, no KL warm-up, no retries unless asked."""
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(64, 1, 8, 8), torch.arange(64) % 10)
-    config = pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
-                       progress=False).config
+    bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    config = pqnet.fit(bnn, data, progress=False).config
+    assert (config["local_reparam"], config["prior"], config["world_size"]) == (
+        True, repr(bnn.prior), 1)
     assert {k: config[k] for k in (
         "epochs", "warm_start", "batch_size", "lr", "scale_lr", "seed", "num_particles",
         "kl_weight_asked", "val_fraction", "warmup_epochs", "lr_schedule", "retry_lr_factor",
