@@ -315,6 +315,21 @@ def test_resume_in_process(tmp_path):
     assert last.config == checkpointed.config and last.history == checkpointed.history
 
 
+def test_resuming_a_finished_fit_reads_the_data_only_to_check_it(tmp_path):
+    """The warm start and the temperature are kept in the checkpoint, not redone."""
+    def fit(data, **kwargs):
+        torch.manual_seed(0)
+        bnn = pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+        return pqnet.fit(bnn, data, epochs=2, batch_size=16, progress=False,
+                         checkpoint_dir=tmp_path, **kwargs)
+
+    first, again = Recorded(), Recorded()
+    done = fit(first)
+    assert len(first.seen) > 2 * len(SMALL)  # checked, then a warm start and SVI
+    assert_same_posterior(fit(again, resume=True), done)
+    assert sorted(again.seen) == list(range(len(SMALL)))  # each example once: the check
+
+
 def test_checkpoint_helper(tmp_path):
     path = tmp_path / "rounds.pt"
     assert load_checkpoint(path, "rounds") is None
