@@ -236,7 +236,7 @@ def test_two_processes_join_the_group_and_agree_on_a_steps_health(tmp_path, monk
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     torch.multiprocessing.spawn(_join_two, args=(str(tmp_path), port), nprocs=2)
-    one = _recipe_fit().config
+    one = _recipe_fit(tmp_path / "one-ckpt").config  # a checkpoint too, as in the processes
     fits = []
     for rank in range(2):
         report = json.loads((tmp_path / f"{rank}.json").read_text())
