@@ -431,10 +431,15 @@ def test_the_warm_start_records_its_mean_nll_per_example():
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     with torch.no_grad():
         initial = float(nn.functional.cross_entropy(net(data.tensors[0]), data.tensors[1]))
-    posterior = pqnet.fit(pqnet.bayesian(net), data, epochs=2, warm_start=1, kl_weight=1,
-                          batch_size=16, lr=1e-30, progress=False)
+    bnn = pqnet.bayesian(net)
+    began = time.perf_counter()
+    posterior = pqnet.fit(bnn, data, epochs=2, warm_start=1, kl_weight=1, batch_size=16,
+                          lr=1e-30, progress=False)
+    wall = time.perf_counter() - began
     record = posterior.config["warm_start_record"]
     assert record["epochs"] == 1 and record["nll"] == [pytest.approx(initial, rel=1e-6)]
+    assert 0 < record["seconds"] < wall
+    assert all(rho.requires_grad for rho in bnn.guide.rho.parameters())  # trainable again
 
 
 def test_the_validation_part_is_stratified_by_class_and_only_for_classes():
