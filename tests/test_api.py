@@ -195,6 +195,14 @@ def test_fit_shows_a_progress_bar_with_the_stage_epoch_and_running_loss(monkeypa
         assert any(f.startswith("warm start:") for f in frames)
         assert re.fullmatch(rf"SVI: 100%\|#+\| {steps}/{steps} \[[\d:<]+, [\d.]+"
                             r"(step/s|s/step), epoch=2, loss=-?\d[\d.e+]*\] *\n", frames[-1])
+    # the loss shown: the last epoch's mean loss, its NLL plus the KL averaged over the epoch
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    history = pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
+                        epochs=2, batch_size=10, kl_weight=1, warm_start=0).history
+    mean_loss = history[1]["nll"] * 64 + (history[0]["kl"] + history[1]["kl"]) / 2
+    assert re.search(r"loss=([^\]]*)\]", screen.getvalue().split("\r")[-1])[1] == (
+        f"{mean_loss:.4g}")
     quiet = _Terminal()
     monkeypatch.setattr(sys, "stderr", quiet)
     pqnet.fit(pqnet.bayesian(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), data,
